@@ -1,0 +1,72 @@
+"""The paper's formula in plain eager ops: the oracle every backend is checked against.
+
+Wu & He (2018), Eq. (1)-(3) with the group set of Eq. (7): for x of shape (N, C, *spatial),
+reshape to (N, G, C/G * prod(spatial)), take the mean and the *biased* variance over the last
+axis, normalize with eps, then apply the per-channel affine γ, β. This module keeps that literal
+form (two-pass statistics, no fusion) so that it is obviously right; run it on float64 inputs to
+get the reference that tolerances are measured against.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["group_norm_reference", "apply_activation", "ACTIVATIONS"]
+
+#: Activations the fused variants support: y = act(GN(x)·γ + β + residual).
+ACTIVATIONS = ("relu", "silu", "gelu")
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Apply one of :data:`ACTIVATIONS` (or none) — exact-erf GELU, as torch's default."""
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+
+
+def group_norm_reference(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GroupNorm by the paper's formula; statistics in fp32 (or fp64 for fp64 input).
+
+    No validation happens here (``groupnorm.group_norm`` does it); the output has x's dtype and
+    memory format.
+    """
+    n, c = x.shape[0], x.shape[1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xg = x.to(compute).reshape(n, num_groups, -1)  # (N, G, C/G * prod(spatial))
+    mean = xg.mean(dim=-1, keepdim=True)  # (N, G, 1)
+    var = (xg - mean).pow(2).mean(dim=-1, keepdim=True)  # biased, two-pass
+    y = ((xg - mean) * torch.rsqrt(var + eps)).reshape(x.shape)
+    affine_shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute).reshape(affine_shape)
+    if bias is not None:
+        y = y + bias.to(compute).reshape(affine_shape)
+    if residual is not None:
+        y = y + residual.to(compute)
+    y = apply_activation(y, activation)
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format x is laid out in (channels_last / channels_last_3d / contiguous)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if (x.dim() == 5 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return torch.channels_last_3d
+    return torch.contiguous_format
