@@ -40,7 +40,8 @@ def resolve_num_groups(num_channels: int, num_groups: int | None = None,
         if num_channels % group_size:
             raise ValueError(
                 f"num_channels ({num_channels}) must be divisible by group_size ({group_size}); "
-                f"pass a divisor of {num_channels} such as {_nearest_divisor(num_channels, group_size)}")
+                f"pass a divisor of {num_channels} such as "
+                f"{_nearest_divisor(num_channels, group_size)}")
         return num_channels // group_size
     assert num_groups is not None
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:

@@ -64,7 +64,8 @@ def group_norm_reference(
 
 def memory_format_of(x: torch.Tensor) -> torch.memory_format:
     """The memory format x is laid out in (channels_last / channels_last_3d / contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     if (x.dim() == 5 and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last_3d)):

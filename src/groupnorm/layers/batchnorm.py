@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -38,7 +37,8 @@ def _check_rank(x: torch.Tensor, num_features: int) -> None:
             f"expected input with {num_features} channels (dim 1), got shape {tuple(x.shape)}")
 
 
-def _chunk_stats(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def _chunk_stats(x: torch.Tensor,
+                 chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per-chunk mean and biased variance in fp32: returns (xc, mean, var, count per chunk).
 
     xc has shape (W, n, C, L) (a view of x when possible); mean/var have shape (W, 1, C, 1).
@@ -175,7 +175,8 @@ class BatchRenorm(BatchNorm):
         super().__init__(num_features, eps, momentum, affine, True, virtual_batch=virtual_batch,
                          device=device, dtype=dtype)
         self.r_max, self.d_max = float(r_max), float(d_max)
-        self.warmup_steps, self.r_max_steps, self.d_max_steps = warmup_steps, r_max_steps, d_max_steps
+        self.warmup_steps = warmup_steps
+        self.r_max_steps, self.d_max_steps = r_max_steps, d_max_steps
 
     def current_limits(self) -> tuple[float, float]:
         """(r_max, d_max) in force at the current step of the warm-up schedule."""

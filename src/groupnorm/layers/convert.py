@@ -19,7 +19,7 @@ _FAMILY = (_BatchNorm, _InstanceNorm, nn.GroupNorm, GroupNorm)
 
 
 def is_norm(module: nn.Module) -> bool:
-    """True for the layers :func:`convert_norms` replaces (BN/SyncBN/BRN, IN, GN of torch or ours)."""
+    """True for the layers :func:`convert_norms` replaces: BN/SyncBN/BRN, IN, GN (torch or ours)."""
     return isinstance(module, _FAMILY)
 
 

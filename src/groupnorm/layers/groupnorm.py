@@ -39,6 +39,7 @@ class GroupNorm(nn.Module):
         num_channels: number of channels expected in input.
         eps: a value added to the denominator for numerical stability. Default: 1e-5.
         affine: if ``True``, learnable per-channel weight (init 1) and bias (init 0).
+        bias: with ``affine``, whether to learn the bias too (as torch >= 2.6's ``bias=``).
         group_size: channels per group, as an alternative to ``num_groups``.
         activation: ``None``, ``"relu"``, ``"silu"`` or ``"gelu"`` fused after the affine.
         backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
@@ -75,6 +76,7 @@ class GroupNorm(nn.Module):
         eps: float = 1e-5,
         affine: bool = True,
         *,
+        bias: bool = True,
         group_size: int | None = None,
         activation: str | None = None,
         backend: str = "auto",
@@ -97,7 +99,10 @@ class GroupNorm(nn.Module):
         factory_kwargs = {"device": device, "dtype": dtype}
         if affine:
             self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -107,7 +112,8 @@ class GroupNorm(nn.Module):
         """γ = 1, β = 0 (as torch.nn.GroupNorm)."""
         if self.affine:
             nn.init.ones_(self.weight)
-            nn.init.zeros_(self.bias)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if input.dim() >= 2 and input.shape[1] != self.num_channels:
@@ -118,7 +124,8 @@ class GroupNorm(nn.Module):
                           activation=self.activation, residual=residual, backend=self.backend)
 
     def extra_repr(self) -> str:
-        s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)
+        s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
+            **self.__dict__, use_bias=self.bias is not None)
         if self.activation is not None:
             s += f", activation={self.activation!r}"
         if self.backend != "auto":
