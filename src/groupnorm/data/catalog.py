@@ -1,0 +1,348 @@
+"""``load_dataset``: the name → reader catalog, option checking and the in-process cache.
+
+Each dataset is one :class:`_Spec`: where its files live, how to read a split, and which options it
+takes. ``load_dataset`` locates the files (or downloads them), decodes them once per process
+(``functools.lru_cache`` keyed by the files' paths, sizes and mtimes, so a replaced file is re-read)
+and fills in ``mean``/``std`` from the *train* split.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dataset import ImageDataset, channel_stats, train_val_split
+from .readers import IDX_IMAGES, IDX_LABELS, read_cifar_batches, read_idx
+from .sources import (
+    CorruptDatasetError,
+    DatasetNotFoundError,
+    Remote,
+    find_files,
+    not_found_message,
+    search_dirs,
+    try_download,
+)
+from .synthetic import SPLIT_SEED_OFFSET, make_moving_clips, make_synthetic
+
+__all__ = ["load_dataset", "list_datasets", "SPLITS"]
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one named dataset is found and read."""
+
+    title: str  # human name for messages
+    num_classes: int
+    # build(split, files_or_None, **options) -> (uint8 images, int64 labels)
+    build: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    # split -> accepted file names per required file (alternatives); None for generated datasets
+    files: Callable[[str], list[list[str]]] | None = None
+    # (split, candidate dirs) -> the files build() reads, or None; default: find_files over files()
+    locate: Callable[[str, list[Path]], list[Path] | None] | None = None
+    subdirs: tuple[str, ...] = ()  # sub-folders of each base directory to search
+    system: tuple[str, ...] = ()  # standard system locations
+    remotes: tuple[Remote, ...] = ()  # official files for download=True
+    how: str = ""  # what to install, for the not-found message
+    options: dict[str, Any] = field(default_factory=dict)  # accepted options and defaults
+    num_classes_option: str | None = None  # option that overrides num_classes
+
+
+# --------------------------------------------------------------------------- MNIST family (IDX)
+
+def _idx_names(split: str) -> list[list[str]]:
+    stem = "train" if split == "train" else "t10k"
+    # Both the .gz and the decompressed spelling, plus the "t10k-images.idx3-ubyte" spelling
+    # some unpackers produce.
+    kinds = (("images", "idx3"), ("labels", "idx1"))
+    return [[f"{stem}-{kind}-{idx}-ubyte.gz", f"{stem}-{kind}-{idx}-ubyte",
+             f"{stem}-{kind}.{idx}-ubyte"] for kind, idx in kinds]
+
+
+def _build_idx(split: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    num_classes = 10
+    images = read_idx(files[0], IDX_IMAGES)
+    labels = read_idx(files[1], IDX_LABELS).to(torch.int64)
+    if images.shape[0] != labels.shape[0]:
+        raise CorruptDatasetError(
+            f"{files[0]} holds {images.shape[0]} images but {files[1]} holds {labels.shape[0]} "
+            "labels; one of them is from another split or corrupt")
+    if labels.numel() and int(labels.max()) >= num_classes:
+        raise CorruptDatasetError(
+            f"{files[1]}: label {int(labels.max())} out of range [0, {num_classes})")
+    return images.unsqueeze(1), labels
+
+
+def _mnist_like(title: str, subdirs: tuple[str, ...], system: tuple[str, ...], base_url: str,
+                md5: dict[str, str], how: str) -> _Spec:
+    return _Spec(
+        title=title, num_classes=10, build=_build_idx, files=_idx_names, subdirs=subdirs,
+        system=system, remotes=tuple(Remote(f, base_url + f, m) for f, m in md5.items()), how=how)
+
+
+# --------------------------------------------------------------------------- CIFAR (pickles)
+
+def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list[str],
+           test: list[str], label_key: str, subdirs: tuple[str, ...], system: tuple[str, ...],
+           md5: str, options: dict[str, Any]) -> _Spec:
+    """A CIFAR spec: batches in ``<base>/<dirname>/`` or the official ``<base>/<tarname>``."""
+    def members(split: str) -> list[str]:
+        return [f"{dirname}/{m}" for m in (train if split == "train" else test)]
+
+    def files(split: str) -> list[list[str]]:
+        return [[f"{dirname}/ (" + ", ".join(train if split == "train" else test) + ")",
+                 tarname]]
+
+    def locate(split: str, dirs: list[Path]) -> list[Path] | None:
+        for d in dirs:
+            if all((d / m).is_file() for m in members(split)):
+                return [d / dirname]
+            if (d / tarname).is_file():
+                return [d / tarname]
+        return None
+
+    def build(split: str, files: list[Path], **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        key, k = label_key, num_classes
+        if "label_mode" in options:
+            mode = options.pop("label_mode")
+            if mode not in ("fine", "coarse"):
+                raise ValueError(f"label_mode must be 'fine' or 'coarse', got {mode!r}")
+            key, k = f"{mode}_labels", (num_classes if mode == "fine" else 20)
+        images, labels = read_cifar_batches(files[0], members(split), key)
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise CorruptDatasetError(
+                f"{files[0]}: labels span [{int(labels.min())}, {int(labels.max())}], "
+                f"expected [0, {k})")
+        return images, labels
+
+    return _Spec(
+        title=title, num_classes=num_classes, build=build, files=files, locate=locate,
+        subdirs=subdirs, system=system,
+        remotes=(Remote(tarname, f"https://www.cs.toronto.edu/~kriz/{tarname}", md5),),
+        how=f"download {tarname} from https://www.cs.toronto.edu/~kriz/cifar.html (keep the "
+            f".tar.gz, or extract it to get {dirname}/).",
+        options=options)
+
+
+_C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+# --------------------------------------------------------------------------- generated / bundled
+
+
+def _build_digits(split: str, files: None, test_fraction: float = 0.2
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DatasetNotFoundError(
+            "the 'digits' dataset is scikit-learn's bundled 8x8 digits; install it with "
+            "`pip install scikit-learn` (the dev extra: pip install -e '.[dev]')") from e
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float64)  # (1797, 8, 8), values 0..16
+    images = (x * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.as_tensor(d.target, dtype=torch.int64)
+    # A fixed stratified split (seed 0) stands in for the split the source does not define.
+    full = ImageDataset(images, labels, 10, "digits", (0.0,), (1.0,))
+    train, test = train_val_split(full, float(test_fraction), seed=0)
+    part = train if split == "train" else test
+    return part.images, part.labels
+
+
+def _build_synthetic(split: str, files: None, num_classes: int = 10, image_size: int = 32,
+                     channels: int = 3, n: int | None = None, seed: int = 0, noise: float = 0.5
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    for k, v in (("num_classes", num_classes), ("image_size", image_size), ("channels", channels)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "num_classes" else 1):
+            raise ValueError(
+                f"synthetic option {k} must be a positive int (>= 2 classes), got {v!r}")
+    if n is None:
+        n = 2048 if split == "train" else 512
+    return make_synthetic(n, num_classes, image_size, channels, seed, split, noise)
+
+
+def _build_moving(split: str, files: None, frames: int = 8, size: int = 32, n: int | None = None,
+                  seed: int = 0, root: str | os.PathLike | None = None, download: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    base = load_dataset("fashion-mnist", split, root, download=download)
+    if n is None:
+        n = 10000 if split == "train" else 2000
+    if frames < 1 or n < 1:
+        raise ValueError(f"frames ({frames}) and n ({n}) must be positive")
+    return make_moving_clips(base.images, base.labels, n, frames, size,
+                             seed + SPLIT_SEED_OFFSET[split])
+
+
+# --------------------------------------------------------------------------- the catalog
+
+_CATALOG: dict[str, _Spec] = {
+    "fashion-mnist": _mnist_like(
+        "Fashion-MNIST",
+        ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
+        ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist",
+         "/usr/local/share/datasets/fashion-mnist"),
+        "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+         "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+         "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+         "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        "on Debian/Ubuntu run `sudo apt-get install dataset-fashion-mnist` (installs "
+        "/usr/share/datasets/fashion-mnist/), or download the four *-ubyte.gz files from "
+        "https://github.com/zalandoresearch/fashion-mnist (data/fashion/)."),
+    "mnist": _mnist_like(
+        "MNIST",
+        ("mnist", "MNIST/raw", "MNIST"),
+        ("/usr/share/datasets/mnist", "/usr/share/mnist", "/usr/local/share/datasets/mnist"),
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+         "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+         "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+         "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        "download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
+        "https://ossci-datasets.s3.amazonaws.com/mnist/."),
+    "cifar10": _cifar(
+        "CIFAR-10", 10, "cifar-10-batches-py", "cifar-10-python.tar.gz", _C10_TRAIN,
+        ["test_batch"], "labels", ("cifar10", "cifar-10"),
+        ("/usr/share/datasets/cifar10", "/usr/share/datasets/cifar-10"),
+        "c58f30108f718f92721af3b95e74349a", {}),
+    "cifar100": _cifar(
+        "CIFAR-100", 100, "cifar-100-python", "cifar-100-python.tar.gz", ["train"], ["test"],
+        "fine_labels", ("cifar100", "cifar-100"),
+        ("/usr/share/datasets/cifar100", "/usr/share/datasets/cifar-100"),
+        "eb9058c3a382ffc7106e4002c42a8d85", {"label_mode": "fine"}),
+    "digits": _Spec(title="scikit-learn digits", num_classes=10, build=_build_digits,
+                    options={"test_fraction": 0.2}),
+    "synthetic": _Spec(title="synthetic", num_classes=10, build=_build_synthetic,
+                       options={"num_classes": 10, "image_size": 32, "channels": 3, "n": None,
+                                "seed": 0, "noise": 0.5},
+                       num_classes_option="num_classes"),
+    "moving-fashion-mnist": _Spec(title="Moving Fashion-MNIST", num_classes=10,
+                                  build=_build_moving,
+                                  options={"frames": 8, "size": 32, "n": None, "seed": 0}),
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return sorted(_CATALOG)
+
+
+def _find(spec: _Spec, split: str, dirs: list[Path]) -> list[Path] | None:
+    assert spec.files is not None
+    if spec.locate is not None:
+        return spec.locate(split, dirs)
+    return find_files(dirs, spec.files(split))
+
+
+def _locate(spec: _Spec, split: str, root: str | os.PathLike | None,
+            download: bool) -> list[Path]:
+    assert spec.files is not None
+    dirs = search_dirs(root, spec.subdirs, spec.system)
+    found = _find(spec, split, dirs)
+    if found is not None:
+        return found
+    why = None
+    if download and spec.remotes:
+        dest, why = try_download(spec.remotes, root, spec.subdirs[0])
+        if dest is not None:
+            found = _find(spec, split, [dest])
+            if found is not None:
+                return found
+            why = f"downloaded into {dest} but the expected files are not there"
+    wanted = [alts[0] if spec.locate is None else " or ".join(alts) for alts in spec.files(split)]
+    raise DatasetNotFoundError(not_found_message(spec.title, split, dirs, wanted, spec.how, why))
+
+
+@functools.lru_cache(maxsize=16)
+def _decode(name: str, split: str, files: tuple[tuple[str, int, int], ...] | None,
+            options: tuple[tuple[str, Any], ...]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Decode one split and its channel statistics; cached per (files + size/mtime, options)."""
+    spec = _CATALOG[name]
+    paths = [Path(f[0]) for f in files] if files is not None else None
+    images, labels = spec.build(split, paths, **dict(options))
+    return images, labels, channel_stats(images)
+
+
+def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _load_split(name: str, split: str, root: str | os.PathLike | None, download: bool,
+                options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    spec = _CATALOG[name]
+    files = None
+    if spec.files is not None:
+        files = _file_key(_locate(spec, split, root, download))
+    if name == "moving-fashion-mnist":
+        # The clips are built from Fashion-MNIST, which is located through the same root.
+        options = {**options, "root": None if root is None else str(root), "download": download}
+    return _decode(name, split, files, tuple(sorted(options.items())))
+
+
+def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None = None, *,
+                 download: bool = True, **options: Any) -> ImageDataset:
+    """Load one split of a dataset into memory as an :class:`ImageDataset`.
+
+    Args:
+        name: one of :func:`list_datasets` ("fashion-mnist", "mnist", "cifar10", "cifar100",
+            "digits", "synthetic", "moving-fashion-mnist").
+        split: "train" or "test".
+        root: directory searched first (then ``$GROUPNORM_DATA``, system locations, the cache);
+            also where downloads go (default: the cache).
+        download: fetch the official files (MD5-verified) when they are nowhere on the path.
+        **options: per dataset: cifar100 ``label_mode`` ("fine"/"coarse"); digits
+            ``test_fraction``; synthetic ``num_classes, image_size, channels, n, seed, noise``;
+            moving-fashion-mnist ``frames, size, n, seed``.
+
+    ``mean``/``std`` always come from the train split (loaded too when ``split="test"``). The
+    decoded tensors are cached for the process and shared between calls: treat them as read-only.
+
+    Raises:
+        DatasetNotFoundError: the files are not found (the message says what to install where).
+        CorruptDatasetError: a file is truncated, has a wrong magic number or fails its checksum.
+        ValueError: unknown name, split or option.
+    """
+    if name not in _CATALOG:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()}")
+    if split not in SPLITS:
+        raise ValueError(
+            f"unknown split {split!r} for {name!r}; choose one of {SPLITS} (carve a validation "
+            "set out of 'train' with groupnorm.data.train_val_split)")
+    spec = _CATALOG[name]
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for dataset {name!r}; it accepts "
+            f"{sorted(spec.options) or 'no options'}")
+    opts = {**spec.options, **options}
+    images, labels, stats = _load_split(name, split, root, download, opts)
+    if split != "train":
+        stats = _load_split(name, "train", root, download, opts)[2]
+    mean, std = stats
+    num_classes = spec.num_classes
+    if spec.num_classes_option:
+        num_classes = int(opts[spec.num_classes_option])
+    elif opts.get("label_mode") == "coarse":
+        num_classes = 20
+    return ImageDataset(images=images, labels=labels, num_classes=num_classes, name=name,
+                        mean=mean, std=std)
+
+
+# Keep the option tables honest: every option a builder takes (besides split/files) is declared.
+for _name, _spec in _CATALOG.items():
+    _sig = inspect.signature(_spec.build).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in _sig.values()):
+        _params = set(_sig) - {"split", "files", "root", "download"}
+        assert _params == set(_spec.options), (_name, _params, set(_spec.options))
