@@ -1,22 +1,150 @@
-"""Fast GroupNorm backends (stub until the kernels land): the contract the core dispatches through."""
+"""Fast GroupNorm backends: Triton kernels for CUDA, a C++ fast path for the CPU.
+
+The core (:func:`groupnorm.group_norm`) dispatches through two functions defined here:
+
+- :func:`group_norm_fast` runs y = act(GN(x)·γ + β + residual) on ``"triton"`` or ``"cpu"``;
+- :func:`auto_backend` picks the backend that ``backend="auto"`` uses for an input.
+
+Both backends are ``torch.library`` custom ops (``groupnorm::gn_{cpu,triton}_{fwd,bwd}``, see
+:mod:`groupnorm.kernels.ops`), so they are differentiable and ``torch.compile(fullgraph=True)``
+traces them without graph breaks. Statistics are always fp32 (fp64 for fp64 inputs).
+"""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from groupnorm.kernels.ops import ACT_CODES, dense_layout, is_channels_last
+
+__all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available"]
 
 
 class BackendUnavailable(RuntimeError):
     """A fast backend cannot run this input (no device, no compiler, unsupported layout)."""
 
 
-def auto_backend(x: torch.Tensor, num_groups: int, activation: str | None,
-                 residual: torch.Tensor | None) -> str:
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works (kernels also need CUDA or ``TRITON_INTERPRET=1``)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001 - a broken install counts as missing
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# backend="auto" on the CPU, from `groupnorm bench` on 2 threads (see BENCHMARKS.md): the C++
+# path is used where it measured faster than torch; key = (channels_last, fused act/residual).
+CPU_AUTO_TABLE: dict[tuple[bool, bool], str] = {
+    (False, False): "cpu",  # NCHW plain
+    (False, True): "cpu",  # NCHW + act/residual: one pass instead of two or three ops
+    (True, False): "cpu",  # NHWC plain: torch's channels-last backward is slow
+    (True, True): "cpu",  # NHWC fused
+}
+
+
+def auto_backend(x: Tensor, num_groups: int, activation: str | None,
+                 residual: Tensor | None) -> str:
     """The backend that ``backend="auto"`` uses for this input: ``"triton"``, ``"cpu"`` or ``"torch"``."""
-    return "torch"
+    if x.dim() < 2 or x.numel() == 0:
+        return "torch"
+    if x.is_cuda:
+        ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
+        return "triton" if ok else "torch"
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return "torch"
+    if is_channels_last(x) and x.shape[1] // num_groups > 1024:
+        return "torch"
+    choice = CPU_AUTO_TABLE[(is_channels_last(x), activation is not None or residual is not None)]
+    if choice == "cpu":
+        from groupnorm.kernels.cpu_ext import load_cpu_ext
+
+        if not load_cpu_ext():
+            return "torch"
+    return choice
 
 
-def group_norm_fast(backend: str, x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
-                    bias: torch.Tensor | None, eps: float, activation: str | None,
-                    residual: torch.Tensor | None) -> torch.Tensor:
-    """Run GroupNorm (+ residual + activation) on a fast backend."""
-    raise BackendUnavailable(f"backend {backend!r} is not built yet")
+def _torch_path(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
+                eps: float, activation: str | None, residual: Tensor | None) -> Tensor:
+    """Unfused torch ops: the fallback when the C++ extension cannot be built."""
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if residual is not None:
+        y = y + residual
+    if activation == "relu":
+        y = F.relu(y)
+    elif activation == "silu":
+        y = F.silu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
+    return y
+
+
+def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | None,
+                    bias: Tensor | None, eps: float, activation: str | None,
+                    residual: Tensor | None) -> Tensor:
+    """Run GroupNorm (+ residual + activation) on a fast backend (``"triton"`` or ``"cpu"``).
+
+    The output keeps x's dtype and (dense) memory format. Raises :class:`BackendUnavailable`
+    when the backend cannot run this input.
+    """
+    if activation not in ACT_CODES:
+        raise ValueError(f"activation {activation!r} is not one of None, 'relu', 'silu', 'gelu'")
+    if x.dim() < 2:
+        raise BackendUnavailable(f"x must be (N, C, *spatial); got shape {tuple(x.shape)}")
+    if backend == "cpu":
+        if x.device.type != "cpu":
+            raise BackendUnavailable(f"backend 'cpu' needs a CPU tensor; x is on {x.device}; "
+                                     "use backend='triton' or 'torch'")
+        if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise BackendUnavailable(f"backend 'cpu' does not support dtype {x.dtype}")
+        from groupnorm.kernels.cpu_ext import load_cpu_ext
+
+        if not load_cpu_ext():  # warned once inside
+            return _torch_path(x, num_groups, weight, bias, eps, activation, residual)
+        from groupnorm.kernels.ops import gn_cpu_fwd as op
+
+        if is_channels_last(x) and x.shape[1] // num_groups > 1024:
+            x = x.contiguous()  # the NHWC kernel keeps one group's channels on the stack
+    elif backend == "triton":
+        if not triton_available():
+            raise BackendUnavailable("backend 'triton' needs the triton package: "
+                                     "pip install 'torch==<your torch>' triton")
+        if not (x.is_cuda or (x.device.type == "cpu" and _interpreting())):
+            raise BackendUnavailable(f"backend 'triton' needs a CUDA tensor (x is on {x.device}) "
+                                     "or TRITON_INTERPRET=1 set before triton is imported")
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise BackendUnavailable(f"backend 'triton' does not support dtype {x.dtype}")
+        from groupnorm.kernels.ops import gn_triton_fwd as op
+    else:
+        raise ValueError(f"unknown fast backend {backend!r}; expected 'triton' or 'cpu'")
+
+    x = dense_layout(x)
+    C = x.shape[1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = weight.to(acc) if weight is not None else x.new_ones(C, dtype=acc)
+    b = bias.to(acc) if bias is not None else x.new_zeros(C, dtype=acc)
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} != x shape "
+                             f"{tuple(x.shape)}; pass a residual of the same shape")
+        residual = residual.to(dtype=x.dtype)
+        if residual.stride() != x.stride():
+            residual = residual.contiguous(
+                memory_format=_format_of(x))
+    y, _, _ = op(x, w, b, residual, num_groups, float(eps), ACT_CODES[activation])
+    return y
+
+
+def _format_of(x: Tensor) -> torch.memory_format:
+    if not is_channels_last(x):
+        return torch.contiguous_format
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d

@@ -1,0 +1,642 @@
+// GroupNorm (+ residual + activation) forward and backward for the CPU: the "cpu" backend.
+//
+// Layouts: x is dense either as (N, C, S) ("NCHW": contiguous, S = product of spatial dims) or as
+// (N, S, C) ("NHWC": channels_last / channels_last_3d). y = act(GN(x) * w + b + r).
+//
+// Statistics are accumulated in the op-math type (fp32; fp64 for double inputs) and are robust:
+//   NCHW: one group is a contiguous block that stays in L2, so an exact two-pass (mean, then
+//         sum of squared deviations) costs one DRAM read.
+//   NHWC: per-channel sums of shifted values (x - x[n, 0, c]) over row chunks, combined in
+//         double with Chan's formula into the group variance: one streaming pass, no
+//         E[x^2] - E[x]^2 cancellation.
+// Backward (see kernels/README in triton_kernels.py for the same derivation):
+//   dz = dy * act'(z),  z = xhat * w + b + r,  xhat = (x - mean) * rstd
+//   c1 = mean_group(dz * w * xhat),  c2 = mean_group(dz * w)
+//   dx = rstd * (dz * w - c1 * xhat - c2)   = A_c * dz + B_g * x + D_g
+//   dw_c = sum_{n,s} dz * xhat,  db_c = sum_{n,s} dz   (per-(n, c) partials, reduced in a fixed
+//   order: bit-identical across calls and thread counts)
+// Work is split into fixed chunks (independent of the thread count) run by at::parallel_for.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+enum Act : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
+
+// exp for floats, written so that gcc vectorizes loops calling it (cephes polynomial,
+// Cody-Waite range reduction; max rel. error ~2 ulp in [-87, 88], clamped outside).
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+// erf via Abramowitz & Stegun 7.1.26 (abs. error <= 1.5e-7, the same formula as ATen's
+// vectorized erf); fp64 inputs use std::erf.
+inline float fast_erf(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - p * t * fast_exp(-ax * ax);
+  return std::copysign(y, x);
+}
+inline double fast_erf(double x) { return std::erf(x); }
+
+template <int A, typename T>
+inline T act_fwd(T z) {
+  if constexpr (A == kRelu) {
+    return z > T(0) ? z : T(0);
+  } else if constexpr (A == kSilu) {
+    return z / (T(1) + fast_exp(-z));
+  } else if constexpr (A == kGelu) {
+    return T(0.5) * z * (T(1) + fast_erf(z * T(0.70710678118654752440)));
+  } else {
+    return z;
+  }
+}
+
+// d act / dz
+template <int A, typename T>
+inline T act_grad(T z) {
+  if constexpr (A == kRelu) {
+    return z > T(0) ? T(1) : T(0);
+  } else if constexpr (A == kSilu) {
+    const T s = T(1) / (T(1) + fast_exp(-z));
+    return s * (T(1) + z * (T(1) - s));
+  } else if constexpr (A == kGelu) {
+    const T cdf = T(0.5) * (T(1) + fast_erf(z * T(0.70710678118654752440)));
+    return cdf + z * T(0.39894228040143267794) * fast_exp(T(-0.5) * z * z);
+  } else {
+    return T(1);
+  }
+}
+
+constexpr int64_t kBlock = 2048;  // elements per fp32 partial sum before it is added in double
+
+// sum(p[i]) in double over fp32 blocks.
+template <typename scalar_t, typename acc_t>
+double block_sum(const scalar_t* p, int64_t n) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t e = std::min(n, i0 + kBlock);
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < e; ++i) s += static_cast<acc_t>(p[i]);
+    total += s;
+  }
+  return total;
+}
+
+// sum((p[i] - m)^2) in double over fp32 blocks.
+template <typename scalar_t, typename acc_t>
+double block_sumsq(const scalar_t* p, int64_t n, acc_t m) {
+  double total = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t e = std::min(n, i0 + kBlock);
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = i0; i < e; ++i) {
+      const acc_t d = static_cast<acc_t>(p[i]) - m;
+      s += d * d;
+    }
+    total += s;
+  }
+  return total;
+}
+
+// y[i] = act(x[i] * a + b (+ r[i])) with scalar a, b (NCHW: one channel row).
+template <int A, bool R, typename scalar_t, typename acc_t>
+inline void apply_row_scalar(const scalar_t* __restrict x, const scalar_t* __restrict r,
+                             scalar_t* __restrict y, int64_t n, acc_t a, acc_t b) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t z = static_cast<acc_t>(x[i]) * a + b;
+    if constexpr (R) z += static_cast<acc_t>(r[i]);
+    y[i] = static_cast<scalar_t>(act_fwd<A>(z));
+  }
+}
+
+// y[c] = act(x[c] * a[c] + b[c] (+ r[c])) for one NHWC row of C channels.
+template <int A, bool R, typename scalar_t, typename acc_t>
+inline void apply_row_vec(const scalar_t* __restrict x, const scalar_t* __restrict r,
+                          scalar_t* __restrict y, int64_t C, const acc_t* __restrict a,
+                          const acc_t* __restrict b) {
+#pragma omp simd
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t z = static_cast<acc_t>(x[c]) * a[c] + b[c];
+    if constexpr (R) z += static_cast<acc_t>(r[c]);
+    y[c] = static_cast<scalar_t>(act_fwd<A>(z));
+  }
+}
+
+// ---------------------------------------------------------------- forward, NCHW
+template <int A, bool R, typename scalar_t>
+void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar_t>* w,
+              const at::opmath_type<scalar_t>* b, scalar_t* y, at::opmath_type<scalar_t>* mean,
+              at::opmath_type<scalar_t>* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+              double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cg = C / G;
+  const int64_t M = Cg * S;
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t g = ng % G;
+      const scalar_t* xg = x + ng * M;
+      const acc_t m = static_cast<acc_t>(block_sum<scalar_t, acc_t>(xg, M) / M);
+      const double var = block_sumsq<scalar_t, acc_t>(xg, M, m) / M;
+      const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+      mean[ng] = m;
+      rstd[ng] = rs;
+      for (int64_t cc = 0; cc < Cg; ++cc) {
+        const int64_t c = g * Cg + cc;
+        const acc_t a = rs * w[c];
+        const acc_t bb = b[c] - m * a;
+        const int64_t off = ng * M + cc * S;
+        apply_row_scalar<A, R>(x + off, R ? r + off : nullptr, y + off, S, a, bb);
+      }
+    }
+  });
+}
+
+// Rows per NHWC chunk: about 16K elements, at least one row. Fixed by the shape only, so the
+// reduction order does not depend on the number of threads.
+inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / C); }
+
+// Samples handled per parallel sweep so that their data stays in the last-level cache
+// between the statistics pass and the normalization pass.
+inline int64_t samples_per_sweep(int64_t S, int64_t C, int64_t elem_bytes, int64_t N) {
+  const int64_t per_sample = std::max<int64_t>(1, S * C * elem_bytes);
+  return std::min<int64_t>(N, std::max<int64_t>(1, (int64_t(4) << 20) / per_sample));
+}
+
+// ---------------------------------------------------------------- forward, NHWC
+template <int A, bool R, typename scalar_t>
+void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar_t>* w,
+              const at::opmath_type<scalar_t>* b, scalar_t* y, at::opmath_type<scalar_t>* mean,
+              at::opmath_type<scalar_t>* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
+              double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cg = C / G;
+  const int64_t rows = rows_per_chunk(C);
+  const int64_t nchunks = (S + rows - 1) / rows;
+  const int64_t nb = samples_per_sweep(S, C, sizeof(scalar_t), N);
+  std::vector<acc_t> part1(nb * nchunks * C), part2(nb * nchunks * C);  // (nb, chunk, C)
+  std::vector<acc_t> a(nb * C), bcoef(nb * C);                          // (nb, C)
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nn = std::min(nb, N - n0);
+    // pass 1: per-chunk, per-channel sums of (x - shift_c) and its square
+    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        const scalar_t* xn = x + (n0 + i) * S * C;
+        acc_t* s1 = part1.data() + t * C;
+        acc_t* s2 = part2.data() + t * C;
+        std::fill(s1, s1 + C, acc_t(0));
+        std::fill(s2, s2 + C, acc_t(0));
+        const int64_t sEnd = std::min(S, (k + 1) * rows);
+        for (int64_t s = k * rows; s < sEnd; ++s) {
+          const scalar_t* xr = xn + s * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t d = static_cast<acc_t>(xr[c]) - static_cast<acc_t>(xn[c]);
+            s1[c] += d;
+            s2[c] += d * d;
+          }
+        }
+      }
+    });
+    // combine chunks (fixed order, double), then channels into groups (Chan's formula)
+    for (int64_t i = 0; i < nn; ++i) {
+      const int64_t n = n0 + i;
+      const scalar_t* xn = x + n * S * C;
+      for (int64_t g = 0; g < G; ++g) {
+        double mc[1024];  // per-channel means of this group (Cg <= 1024 checked by caller)
+        double m2c[1024];
+        double gm = 0;
+        for (int64_t cc = 0; cc < Cg; ++cc) {
+          const int64_t c = g * Cg + cc;
+          double S1 = 0, S2 = 0;
+          for (int64_t k = 0; k < nchunks; ++k) {
+            S1 += part1[(i * nchunks + k) * C + c];
+            S2 += part2[(i * nchunks + k) * C + c];
+          }
+          mc[cc] = static_cast<double>(static_cast<acc_t>(xn[c])) + S1 / S;
+          m2c[cc] = std::max(0.0, S2 - S1 * S1 / S);
+          gm += mc[cc];
+        }
+        gm /= Cg;
+        double m2 = 0;
+        for (int64_t cc = 0; cc < Cg; ++cc) {
+          const double d = mc[cc] - gm;
+          m2 += m2c[cc] + S * d * d;
+        }
+        const double var = m2 / (Cg * S);
+        const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+        const acc_t m = static_cast<acc_t>(gm);
+        mean[n * G + g] = m;
+        rstd[n * G + g] = rs;
+        for (int64_t cc = 0; cc < Cg; ++cc) {
+          const int64_t c = g * Cg + cc;
+          a[i * C + c] = rs * w[c];
+          bcoef[i * C + c] = b[c] - m * a[i * C + c];
+        }
+      }
+    }
+    // pass 2: normalize (re-reads the sweep's samples from cache)
+    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        const int64_t sEnd = std::min(S, (k + 1) * rows);
+        for (int64_t s = k * rows; s < sEnd; ++s) {
+          const int64_t off = ((n0 + i) * S + s) * C;
+          apply_row_vec<A, R>(x + off, R ? r + off : nullptr, y + off, C, a.data() + i * C,
+                              bcoef.data() + i * C);
+        }
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- backward, NCHW
+// ds/db: (N, C) per-(n, c) partial sums of dz * x and dz, for dw/db and for c1/c2.
+template <int A, bool R, typename scalar_t>
+void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
+              const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
+              const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+              scalar_t* dx, scalar_t* dz_out, double* ds, double* db, int64_t N, int64_t C,
+              int64_t S, int64_t G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cg = C / G;
+  const int64_t M = Cg * S;
+  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, g = ng % G;
+      const acc_t m = mean[ng], rs = rstd[ng];
+      double sum1 = 0, sum2 = 0;  // sum_c w_c * (ds_c - m * db_c), sum_c w_c * db_c
+      for (int64_t cc = 0; cc < Cg; ++cc) {
+        const int64_t c = g * Cg + cc;
+        const int64_t off = ng * M + cc * S;
+        const scalar_t* xr = x + off;
+        const scalar_t* dyr = dy + off;
+        const scalar_t* rr = R ? r + off : nullptr;
+        const acc_t a = rs * w[c];
+        const acc_t bb = b[c] - m * a;
+        double dsc = 0, dbc = 0;
+        for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
+          const int64_t e = std::min(S, i0 + kBlock);
+          acc_t s_ds = 0, s_db = 0;
+#pragma omp simd reduction(+ : s_ds, s_db)
+          for (int64_t i = i0; i < e; ++i) {
+            const acc_t xv = static_cast<acc_t>(xr[i]);
+            acc_t dz = static_cast<acc_t>(dyr[i]);
+            if constexpr (A != kNone) {
+              acc_t z = xv * a + bb;
+              if constexpr (R) z += static_cast<acc_t>(rr[i]);
+              dz *= act_grad<A>(z);
+            }
+            s_ds += dz * xv;
+            s_db += dz;
+          }
+          dsc += s_ds;
+          dbc += s_db;
+        }
+        ds[n * C + c] = dsc;
+        db[n * C + c] = dbc;
+        sum1 += static_cast<double>(w[c]) * (dsc - static_cast<double>(m) * dbc);
+        sum2 += static_cast<double>(w[c]) * dbc;
+      }
+      const double c1 = sum1 * rs / M;  // mean(dz * w * xhat)
+      const double c2 = sum2 / M;       // mean(dz * w)
+      const acc_t B = static_cast<acc_t>(-static_cast<double>(rs) * rs * c1);
+      const acc_t D = static_cast<acc_t>(static_cast<double>(rs) * rs * c1 * m - rs * c2);
+      for (int64_t cc = 0; cc < Cg; ++cc) {
+        const int64_t c = g * Cg + cc;
+        const int64_t off = ng * M + cc * S;
+        const scalar_t* xr = x + off;
+        const scalar_t* dyr = dy + off;
+        const scalar_t* rr = R ? r + off : nullptr;
+        scalar_t* dxr = dx + off;
+        scalar_t* dzr = dz_out ? dz_out + off : nullptr;
+        const acc_t a = rs * w[c];
+        const acc_t bb = b[c] - m * a;
+        if (dzr != nullptr) {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) {
+            const acc_t xv = static_cast<acc_t>(xr[i]);
+            acc_t z = xv * a + bb;
+            if constexpr (R) z += static_cast<acc_t>(rr[i]);
+            const acc_t dz = static_cast<acc_t>(dyr[i]) * act_grad<A>(z);
+            dzr[i] = static_cast<scalar_t>(dz);
+            dxr[i] = static_cast<scalar_t>(a * dz + B * xv + D);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < S; ++i) {
+            const acc_t xv = static_cast<acc_t>(xr[i]);
+            acc_t dz = static_cast<acc_t>(dyr[i]);
+            if constexpr (A != kNone) {
+              acc_t z = xv * a + bb;
+              if constexpr (R) z += static_cast<acc_t>(rr[i]);
+              dz *= act_grad<A>(z);
+            }
+            dxr[i] = static_cast<scalar_t>(a * dz + B * xv + D);
+          }
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- backward, NHWC
+template <int A, bool R, typename scalar_t>
+void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
+              const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
+              const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+              scalar_t* dx, scalar_t* dz_out, double* ds, double* db, int64_t N, int64_t C,
+              int64_t S, int64_t G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t Cg = C / G;
+  const int64_t M = Cg * S;
+  const int64_t rows = rows_per_chunk(C);
+  const int64_t nchunks = (S + rows - 1) / rows;
+  const int64_t nb = samples_per_sweep(S, C, 2 * sizeof(scalar_t), N);
+  std::vector<acc_t> part1(nb * nchunks * C), part2(nb * nchunks * C);  // (nb, chunk, C)
+  // per-sample, per-channel coefficients: z = x * a + bz, dx = A * dz + B * x + D
+  std::vector<acc_t> a(nb * C), bz(nb * C), Bc(nb * C), Dc(nb * C);
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nn = std::min(nb, N - n0);
+    for (int64_t i = 0; i < nn; ++i) {
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t ng = (n0 + i) * G + c / Cg;
+        a[i * C + c] = rstd[ng] * w[c];
+        bz[i * C + c] = b[c] - mean[ng] * a[i * C + c];
+      }
+    }
+    // pass 1: per-chunk, per-channel sums of dz * x and dz
+    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        acc_t* s1 = part1.data() + t * C;
+        acc_t* s2 = part2.data() + t * C;
+        std::fill(s1, s1 + C, acc_t(0));
+        std::fill(s2, s2 + C, acc_t(0));
+        const acc_t* ai = a.data() + i * C;
+        const acc_t* bi = bz.data() + i * C;
+        const int64_t sEnd = std::min(S, (k + 1) * rows);
+        for (int64_t s = k * rows; s < sEnd; ++s) {
+          const int64_t off = ((n0 + i) * S + s) * C;
+          const scalar_t* xr = x + off;
+          const scalar_t* dyr = dy + off;
+          const scalar_t* rr = R ? r + off : nullptr;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t xv = static_cast<acc_t>(xr[c]);
+            acc_t dz = static_cast<acc_t>(dyr[c]);
+            if constexpr (A != kNone) {
+              acc_t z = xv * ai[c] + bi[c];
+              if constexpr (R) z += static_cast<acc_t>(rr[c]);
+              dz *= act_grad<A>(z);
+            }
+            s1[c] += dz * xv;
+            s2[c] += dz;
+          }
+        }
+      }
+    });
+    for (int64_t i = 0; i < nn; ++i) {
+      const int64_t n = n0 + i;
+      for (int64_t c = 0; c < C; ++c) {
+        double S1 = 0, S2 = 0;
+        for (int64_t k = 0; k < nchunks; ++k) {
+          S1 += part1[(i * nchunks + k) * C + c];
+          S2 += part2[(i * nchunks + k) * C + c];
+        }
+        ds[n * C + c] = S1;
+        db[n * C + c] = S2;
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t ng = n * G + g;
+        const double m = mean[ng], rs = rstd[ng];
+        double sum1 = 0, sum2 = 0;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          sum1 += static_cast<double>(w[c]) * (ds[n * C + c] - m * db[n * C + c]);
+          sum2 += static_cast<double>(w[c]) * db[n * C + c];
+        }
+        const double c1 = sum1 * rs / M, c2 = sum2 / M;
+        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+          Bc[i * C + c] = static_cast<acc_t>(-rs * rs * c1);
+          Dc[i * C + c] = static_cast<acc_t>(rs * rs * c1 * m - rs * c2);
+        }
+      }
+    }
+    // pass 2: dx (and dz for the residual's gradient)
+    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        const acc_t* ai = a.data() + i * C;
+        const acc_t* bi = bz.data() + i * C;
+        const acc_t* Bi = Bc.data() + i * C;
+        const acc_t* Di = Dc.data() + i * C;
+        const int64_t sEnd = std::min(S, (k + 1) * rows);
+        for (int64_t s = k * rows; s < sEnd; ++s) {
+          const int64_t off = ((n0 + i) * S + s) * C;
+          const scalar_t* xr = x + off;
+          const scalar_t* dyr = dy + off;
+          const scalar_t* rr = R ? r + off : nullptr;
+          scalar_t* dxr = dx + off;
+          if (dz_out != nullptr) {
+            scalar_t* dzr = dz_out + off;
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = static_cast<acc_t>(xr[c]);
+              acc_t z = xv * ai[c] + bi[c];
+              if constexpr (R) z += static_cast<acc_t>(rr[c]);
+              const acc_t dz = static_cast<acc_t>(dyr[c]) * act_grad<A>(z);
+              dzr[c] = static_cast<scalar_t>(dz);
+              dxr[c] = static_cast<scalar_t>(ai[c] * dz + Bi[c] * xv + Di[c]);
+            }
+          } else {
+#pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = static_cast<acc_t>(xr[c]);
+              acc_t dz = static_cast<acc_t>(dyr[c]);
+              if constexpr (A != kNone) {
+                acc_t z = xv * ai[c] + bi[c];
+                if constexpr (R) z += static_cast<acc_t>(rr[c]);
+                dz *= act_grad<A>(z);
+              }
+              dxr[c] = static_cast<scalar_t>(ai[c] * dz + Bi[c] * xv + Di[c]);
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
+// Calls F<A, R>() for the runtime activation code and residual flag.
+template <typename F>
+void dispatch_act(int64_t act, bool has_res, F&& f) {
+  TORCH_CHECK(act >= 0 && act <= 3, "groupnorm_cpu: activation code ", act, " not in 0..3");
+#define GN_CASE(A)                                          \
+  if (act == A) {                                           \
+    if (has_res) f(std::integral_constant<int, A>{}, std::true_type{}); \
+    else f(std::integral_constant<int, A>{}, std::false_type{});        \
+    return;                                                 \
+  }
+  GN_CASE(kNone) GN_CASE(kRelu) GN_CASE(kSilu) GN_CASE(kGelu)
+#undef GN_CASE
+}
+
+void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t G,
+                  bool cl) {
+  TORCH_CHECK(x.device().is_cpu(), "groupnorm_cpu: x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() >= 2, "groupnorm_cpu: x must be (N, C, *spatial), got ", x.sizes());
+  const int64_t C = x.size(1);
+  TORCH_CHECK(G > 0 && C % G == 0, "groupnorm_cpu: C (", C, ") not divisible by G (", G, ")");
+  TORCH_CHECK(C / G <= 1024 || !cl, "groupnorm_cpu: channels_last needs C/G <= 1024, got ",
+              C / G);
+  const auto fmt = !cl ? at::MemoryFormat::Contiguous
+                       : (x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                       : at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK(x.is_contiguous(fmt), "groupnorm_cpu: x is not dense in the layout asked for");
+  TORCH_CHECK(w.numel() == C && b.numel() == C && w.is_contiguous() && b.is_contiguous(),
+              "groupnorm_cpu: weight/bias must be contiguous with C (", C, ") elements");
+  TORCH_CHECK(w.scalar_type() == at::toOpMathType(x.scalar_type()) &&
+                  b.scalar_type() == w.scalar_type(),
+              "groupnorm_cpu: weight/bias must be in the op-math dtype of x");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_fwd(const at::Tensor& x, const at::Tensor& w,
+                                                      const at::Tensor& b,
+                                                      const std::optional<at::Tensor>& residual,
+                                                      int64_t G, double eps, int64_t act,
+                                                      bool cl) {
+  check_inputs(x, w, b, G, cl);
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  const bool has_res = residual.has_value() && residual->defined();
+  if (has_res) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->strides() == x.strides() &&
+                    residual->scalar_type() == x.scalar_type(),
+                "groupnorm_cpu: residual must match x in shape, strides and dtype");
+  }
+  at::Tensor y = at::empty_like(x);
+  const auto stat_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  at::Tensor mean = at::empty({N, G}, stat_opts.memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor rstd = at::empty({N, G}, stat_opts.memory_format(at::MemoryFormat::Contiguous));
+  if (x.numel() == 0) return {y, mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    dispatch_act(act, has_res, [&](auto A, auto R) {
+      auto fn = cl ? fwd_nhwc<decltype(A)::value, decltype(R)::value, scalar_t>
+                   : fwd_nchw<decltype(A)::value, decltype(R)::value, scalar_t>;
+      fn(x.const_data_ptr<scalar_t>(), rp, w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+         y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+         rstd.mutable_data_ptr<acc_t>(), N, C, S, G, eps);
+    });
+  });
+  return {y, mean, rstd};
+}
+
+// Returns (dx, dw, db, dz); dz is empty unless need_dz (the residual's gradient when an
+// activation is fused; without one it is dy itself).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_bwd(
+    const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+    const std::optional<at::Tensor>& residual, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t G, int64_t act, bool cl, bool need_dz) {
+  check_inputs(x, w, b, G, cl);
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  const bool has_res = residual.has_value() && residual->defined() && act != kNone;
+  const auto fmt = !cl ? at::MemoryFormat::Contiguous
+                       : (x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                       : at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = dy_in.contiguous(fmt);
+  TORCH_CHECK(dy.strides() == x.strides(), "groupnorm_cpu: dy must match x's layout");
+  if (has_res) {
+    TORCH_CHECK(residual->strides() == x.strides(), "groupnorm_cpu: residual must match x");
+  }
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor dz = need_dz ? at::empty_like(x) : at::empty({0}, x.options());
+  const auto dopts = x.options().dtype(at::kDouble).memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor ds = at::empty({N, C}, dopts), dbs = at::empty({N, C}, dopts);
+  at::Tensor dw = at::empty({C}, w.options()), db = at::empty({C}, w.options());
+  if (x.numel() == 0) return {dx, dw.zero_(), db.zero_(), dz};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gn_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* rp = has_res ? residual->const_data_ptr<scalar_t>() : nullptr;
+    dispatch_act(act, has_res, [&](auto A, auto R) {
+      auto fn = cl ? bwd_nhwc<decltype(A)::value, decltype(R)::value, scalar_t>
+                   : bwd_nchw<decltype(A)::value, decltype(R)::value, scalar_t>;
+      fn(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), rp,
+         w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+         rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+         need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, ds.mutable_data_ptr<double>(),
+         dbs.mutable_data_ptr<double>(), N, C, S, G);
+    });
+    // dw_c = sum_n (ds - mean * db) * rstd, db_c = sum_n db: fixed order over n.
+    const double* dsp = ds.const_data_ptr<double>();
+    const double* dbp = dbs.const_data_ptr<double>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* rp2 = rstd.const_data_ptr<acc_t>();
+    acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+    acc_t* dbo = db.mutable_data_ptr<acc_t>();
+    const int64_t Cg = C / G;
+    for (int64_t c = 0; c < C; ++c) {
+      double sw = 0, sb = 0;
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t ng = n * G + c / Cg;
+        sw += (dsp[n * C + c] - static_cast<double>(mp[ng]) * dbp[n * C + c]) * rp2[ng];
+        sb += dbp[n * C + c];
+      }
+      dwp[c] = static_cast<acc_t>(sw);
+      dbo[c] = static_cast<acc_t>(sb);
+    }
+  });
+  return {dx, dw, db, dz};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(groupnorm_cpu, m) {
+  m.def("fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, int G, float eps, int act, "
+        "bool channels_last) -> (Tensor, Tensor, Tensor)");
+  m.def("bwd(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor mean, "
+        "Tensor rstd, int G, int act, bool channels_last, bool need_dz) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(groupnorm_cpu, CPU, m) {
+  m.impl("fwd", &gn_fwd);
+  m.impl("bwd", &gn_bwd);
+}

@@ -1,0 +1,122 @@
+"""The fast backends as ``torch.library`` custom ops, each with its autograd and fake kernels.
+
+One op pair per backend, named for it: ``groupnorm::gn_cpu_fwd`` / ``groupnorm::gn_cpu_bwd`` (the
+C++ extension) and ``groupnorm::gn_triton_fwd`` / ``groupnorm::gn_triton_bwd`` (the Triton
+kernels). Because they are custom ops with ``register_fake``, ``torch.compile(fullgraph=True)``
+traces them as single nodes without graph breaks; ``register_autograd`` wires the backward op.
+
+Inputs reaching these ops are already normalized by :func:`groupnorm.kernels.group_norm_fast`:
+x dense in one of the two layouts, weight/bias in the op-math dtype (never None), residual in x's
+layout and dtype. Saved for backward: x, mean and rstd (op-math dtype, ``(N, G)``), weight and
+bias (``C`` values) and — only when an activation is fused after a residual add — the residual,
+because act'(z) needs z = GN(x)·w + b + r.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+ACT_CODES = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """True when x is dense channels-last (NHWC / NDHWC) and not also plain contiguous."""
+    if x.is_contiguous():
+        return False
+    if x.dim() == 4:
+        return x.is_contiguous(memory_format=torch.channels_last)
+    if x.dim() == 5:
+        return x.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def dense_layout(x: Tensor) -> Tensor:
+    """x itself when it is dense contiguous or channels-last, else a contiguous copy."""
+    if x.is_contiguous() or is_channels_last(x):
+        return x
+    return x.contiguous()
+
+
+def _fake_fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
+              eps: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
+    stats = x.new_empty((x.shape[0], num_groups), dtype=weight.dtype)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
+
+
+def _fake_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
+              mean: Tensor, rstd: Tensor, num_groups: int, act: int,
+              need_dz: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dz = torch.empty_like(x) if need_dz else x.new_empty((0,))
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dz
+
+
+def _register(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> Callable:
+    """Define ``groupnorm::gn_{backend}_fwd/_bwd`` with fake and autograd kernels; return fwd."""
+
+    @torch.library.custom_op(f"groupnorm::gn_{backend}_fwd", mutates_args=())
+    def fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
+            eps: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
+        return fwd_impl(x, weight, bias, residual, num_groups, eps, act)
+
+    @torch.library.custom_op(f"groupnorm::gn_{backend}_bwd", mutates_args=())
+    def bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
+            mean: Tensor, rstd: Tensor, num_groups: int, act: int,
+            need_dz: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return bwd_impl(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need_dz)
+
+    fwd.register_fake(_fake_fwd)
+    bwd.register_fake(_fake_bwd)
+
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, residual, num_groups, eps, act = inputs
+        _, mean, rstd = output
+        ctx.num_groups, ctx.act = num_groups, act
+        ctx.has_residual = residual is not None
+        keep_res = residual if (residual is not None and act != 0) else None
+        ctx.save_for_backward(x, weight, bias, keep_res, mean, rstd)
+
+    def backward(ctx, dy: Tensor, _dmean: Tensor, _drstd: Tensor):
+        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+        need_dz = ctx.has_residual and ctx.act != 0 and ctx.needs_input_grad[3]
+        dx, dw, db, dz = bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups,
+                             ctx.act, need_dz)
+        dres = None
+        if ctx.has_residual and ctx.needs_input_grad[3]:
+            dres = dz if ctx.act != 0 else dy
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw if ctx.needs_input_grad[1] else None,
+                db if ctx.needs_input_grad[2] else None,
+                dres, None, None, None)
+
+    fwd.register_autograd(backward, setup_context=setup_context)
+    return fwd
+
+
+def _cpu_fwd(x, weight, bias, residual, num_groups, eps, act):
+    return torch.ops.groupnorm_cpu.fwd(x, weight, bias, residual, num_groups, eps, act,
+                                       is_channels_last(x))
+
+
+def _cpu_bwd(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need_dz):
+    return torch.ops.groupnorm_cpu.bwd(dy, x, weight, bias, residual, mean, rstd, num_groups,
+                                       act, is_channels_last(x), need_dz)
+
+
+def _triton_fwd(x, weight, bias, residual, num_groups, eps, act):
+    from groupnorm.kernels import triton_kernels
+
+    return triton_kernels.gn_forward(x, weight, bias, residual, num_groups, eps, act)
+
+
+def _triton_bwd(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need_dz):
+    from groupnorm.kernels import triton_kernels
+
+    return triton_kernels.gn_backward(dy, x, weight, bias, residual, mean, rstd, num_groups, act,
+                                      need_dz)
+
+
+gn_cpu_fwd = _register("cpu", _cpu_fwd, _cpu_bwd)
+gn_triton_fwd = _register("triton", _triton_fwd, _triton_bwd)
