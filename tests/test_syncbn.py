@@ -55,6 +55,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         torch.save({"y": y.detach(), "gx": xs.grad, "gw": gw, "gb": gb,
                     "rm": m.running_mean, "rv": m.running_var},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # nobody tears gloo down while a peer still talks to it
     finally:
         dist.destroy_process_group()
 

@@ -226,12 +226,30 @@ class BatchRenorm(BatchNorm):
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks with an exact backward: every rank's loss depends on every rank's input,
+    so the gradient of the sum is the sum of the ranks' gradients (an all-reduce again)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class SyncBatchNorm(BatchNorm):
     r"""BatchNorm whose statistics are all-reduced across ``torch.distributed`` ranks.
 
     Unlike :class:`torch.nn.SyncBatchNorm` it runs on CPU (gloo) as well as GPU (NCCL): the
-    statistics go through ``torch.distributed.nn.functional.all_reduce``, which is
-    autograd-aware, so the backward pass is exact without a hand-written kernel. Mean and
+    statistics go through an autograd-aware all-reduce (its backward is an all-reduce of the
+    gradient), so the backward pass is exact without a hand-written kernel. Mean and
     variance are two-pass (sum, then sum of squared deviations from the global mean). Outside an
     initialized process group (or with one rank) it is :class:`BatchNorm`.
 
@@ -258,8 +276,6 @@ class SyncBatchNorm(BatchNorm):
         self._check_input_dim(input)
         if not self._use_batch_stats() or self._world() == 1:
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         from ..reference import memory_format_of
 
         c = self.num_features
@@ -267,10 +283,10 @@ class SyncBatchNorm(BatchNorm):
         xc = xf.transpose(0, 1).reshape(c, -1)  # (C, N * L)
         # Sums and the count travel in fp64: a float32 count is exact only up to 2**24.
         local = torch.cat([xc.sum(1).double(), xc.new_full((1,), xc.shape[1], dtype=torch.float64)])
-        total = all_reduce(local, group=self.process_group)
+        total = _AllReduceSum.apply(local, self.process_group)
         count = total[c]
         mean = (total[:c] / count).to(xc.dtype)
-        sq = all_reduce((xc - mean[:, None]).pow(2).sum(1), group=self.process_group)
+        sq = _AllReduceSum.apply((xc - mean[:, None]).pow(2).sum(1), self.process_group)
         var = sq / count.to(sq.dtype)
         shape = (1, c) + (1,) * (input.dim() - 2)
         y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
