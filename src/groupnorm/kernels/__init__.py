@@ -54,15 +54,13 @@ CPU_AUTO_TABLE: dict[tuple[bool, bool], str] = {
 
 def auto_backend(x: Tensor, num_groups: int, activation: str | None,
                  residual: Tensor | None) -> str:
-    """The backend that ``backend="auto"`` uses for this input: ``"triton"``, ``"cpu"`` or ``"torch"``."""
+    """The backend ``backend="auto"`` uses for this input: "triton", "cpu" or "torch"."""
     if x.dim() < 2 or x.numel() == 0:
         return "torch"
     if x.is_cuda:
         ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
         return "triton" if ok else "torch"
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return "torch"
-    if is_channels_last(x) and x.shape[1] // num_groups > 1024:
         return "torch"
     choice = CPU_AUTO_TABLE[(is_channels_last(x), activation is not None or residual is not None)]
     if choice == "cpu":
@@ -111,9 +109,6 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
         if not load_cpu_ext():  # warned once inside
             return _torch_path(x, num_groups, weight, bias, eps, activation, residual)
         from groupnorm.kernels.ops import gn_cpu_fwd as op
-
-        if is_channels_last(x) and x.shape[1] // num_groups > 1024:
-            x = x.contiguous()  # the NHWC kernel keeps one group's channels on the stack
     elif backend == "triton":
         if not triton_available():
             raise BackendUnavailable("backend 'triton' needs the triton package: "

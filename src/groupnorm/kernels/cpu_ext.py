@@ -17,7 +17,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu") / "gn_cpu.cpp"
 # -march=native: the cache lives on the machine that built it; the kernel loops rely on AVX2/512.
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-std=c++17"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
 
 
 @functools.cache

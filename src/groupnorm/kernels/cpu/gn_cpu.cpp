@@ -187,14 +187,87 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
 }
 
 // Rows per NHWC chunk: about 16K elements, at least one row. Fixed by the shape only, so the
-// reduction order does not depend on the number of threads.
+// reduction order (chunk partials, then a fixed-order sum) does not depend on the thread count.
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / C); }
 
-// Samples handled per parallel sweep so that their data stays in the last-level cache
-// between the statistics pass and the normalization pass.
+// Samples handled per parallel sweep (chunked path) so that their data stays in the last-level
+// cache between the statistics pass and the normalization pass.
 inline int64_t samples_per_sweep(int64_t S, int64_t C, int64_t elem_bytes, int64_t N) {
   const int64_t per_sample = std::max<int64_t>(1, S * C * elem_bytes);
   return std::min<int64_t>(N, std::max<int64_t>(1, (int64_t(4) << 20) / per_sample));
+}
+
+// One task per sample (a single parallel region, no barriers) when the samples balance over
+// the threads; else samples are cut into row chunks shared by all threads.
+inline bool per_sample_tasks(int64_t N) {
+  const int64_t nt = at::get_num_threads();
+  return nt <= 1 || N % nt == 0 || N >= 4 * nt;
+}
+
+// Per-channel sums of (x - x[row 0]) and its square over chunk k of one sample (S rows of C).
+template <typename scalar_t, typename acc_t>
+void nhwc_stats_chunk(const scalar_t* xn, int64_t S, int64_t C, int64_t k, int64_t rows,
+                      acc_t* __restrict s1, acc_t* __restrict s2) {
+  std::fill(s1, s1 + C, acc_t(0));
+  std::fill(s2, s2 + C, acc_t(0));
+  const int64_t sEnd = std::min(S, (k + 1) * rows);
+  for (int64_t s = k * rows; s < sEnd; ++s) {
+    const scalar_t* __restrict xr = xn + s * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t d = static_cast<acc_t>(xr[c]) - static_cast<acc_t>(xn[c]);
+      s1[c] += d;
+      s2[c] += d * d;
+    }
+  }
+}
+
+// Chunk partials (nchunks, C) of one sample -> its groups' mean/rstd (Chan's formula in double)
+// and the per-channel affine coefficients y = x * a + bc.
+template <typename scalar_t, typename acc_t>
+void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part2,
+                       int64_t nchunks, int64_t S, int64_t C, int64_t G, double eps,
+                       const acc_t* w, const acc_t* b, acc_t* mean_n, acc_t* rstd_n, acc_t* a,
+                       acc_t* bc) {
+  const int64_t Cg = C / G;
+  std::vector<double> mc(Cg), m2c(Cg);
+  for (int64_t g = 0; g < G; ++g) {
+    double gm = 0;
+    for (int64_t cc = 0; cc < Cg; ++cc) {
+      const int64_t c = g * Cg + cc;
+      double S1 = 0, S2 = 0;
+      for (int64_t k = 0; k < nchunks; ++k) {
+        S1 += part1[k * C + c];
+        S2 += part2[k * C + c];
+      }
+      mc[cc] = static_cast<double>(static_cast<acc_t>(xn[c])) + S1 / S;
+      m2c[cc] = std::max(0.0, S2 - S1 * S1 / S);
+      gm += mc[cc];
+    }
+    gm /= Cg;
+    double m2 = 0;
+    for (int64_t cc = 0; cc < Cg; ++cc) {
+      const double d = mc[cc] - gm;
+      m2 += m2c[cc] + S * d * d;
+    }
+    const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(m2 / (Cg * S) + eps));
+    const acc_t m = static_cast<acc_t>(gm);
+    mean_n[g] = m;
+    rstd_n[g] = rs;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      a[c] = rs * w[c];
+      bc[c] = b[c] - m * a[c];
+    }
+  }
+}
+
+template <int A, bool R, typename scalar_t, typename acc_t>
+void nhwc_apply_chunk(const scalar_t* xn, const scalar_t* rn, scalar_t* yn, int64_t S, int64_t C,
+                      int64_t k, int64_t rows, const acc_t* a, const acc_t* bc) {
+  const int64_t sEnd = std::min(S, (k + 1) * rows);
+  for (int64_t s = k * rows; s < sEnd; ++s) {
+    apply_row_vec<A, R>(xn + s * C, R ? rn + s * C : nullptr, yn + s * C, C, a, bc);
+  }
 }
 
 // ---------------------------------------------------------------- forward, NHWC
@@ -204,86 +277,55 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
               at::opmath_type<scalar_t>* rstd, int64_t N, int64_t C, int64_t S, int64_t G,
               double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cg = C / G;
   const int64_t rows = rows_per_chunk(C);
   const int64_t nchunks = (S + rows - 1) / rows;
-  const int64_t nb = samples_per_sweep(S, C, sizeof(scalar_t), N);
-  std::vector<acc_t> part1(nb * nchunks * C), part2(nb * nchunks * C);  // (nb, chunk, C)
-  std::vector<acc_t> a(nb * C), bcoef(nb * C);                          // (nb, C)
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t nn = std::min(nb, N - n0);
-    // pass 1: per-chunk, per-channel sums of (x - shift_c) and its square
-    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        const scalar_t* xn = x + (n0 + i) * S * C;
-        acc_t* s1 = part1.data() + t * C;
-        acc_t* s2 = part2.data() + t * C;
-        std::fill(s1, s1 + C, acc_t(0));
-        std::fill(s2, s2 + C, acc_t(0));
-        const int64_t sEnd = std::min(S, (k + 1) * rows);
-        for (int64_t s = k * rows; s < sEnd; ++s) {
-          const scalar_t* xr = xn + s * C;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t d = static_cast<acc_t>(xr[c]) - static_cast<acc_t>(xn[c]);
-            s1[c] += d;
-            s2[c] += d * d;
-          }
+  const int64_t SC = S * C;
+  if (per_sample_tasks(N)) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bc(C);
+      for (int64_t n = begin; n < end; ++n) {
+        const scalar_t* xn = x + n * SC;
+        for (int64_t k = 0; k < nchunks; ++k) {
+          nhwc_stats_chunk(xn, S, C, k, rows, p1.data() + k * C, p2.data() + k * C);
+        }
+        nhwc_finish_stats(xn, p1.data(), p2.data(), nchunks, S, C, G, eps, w, b, mean + n * G,
+                          rstd + n * G, a.data(), bc.data());
+        for (int64_t k = 0; k < nchunks; ++k) {
+          nhwc_apply_chunk<A, R>(xn, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
+                                 a.data(), bc.data());
         }
       }
     });
-    // combine chunks (fixed order, double), then channels into groups (Chan's formula)
-    for (int64_t i = 0; i < nn; ++i) {
-      const int64_t n = n0 + i;
-      const scalar_t* xn = x + n * S * C;
-      for (int64_t g = 0; g < G; ++g) {
-        double mc[1024];  // per-channel means of this group (Cg <= 1024 checked by caller)
-        double m2c[1024];
-        double gm = 0;
-        for (int64_t cc = 0; cc < Cg; ++cc) {
-          const int64_t c = g * Cg + cc;
-          double S1 = 0, S2 = 0;
-          for (int64_t k = 0; k < nchunks; ++k) {
-            S1 += part1[(i * nchunks + k) * C + c];
-            S2 += part2[(i * nchunks + k) * C + c];
-          }
-          mc[cc] = static_cast<double>(static_cast<acc_t>(xn[c])) + S1 / S;
-          m2c[cc] = std::max(0.0, S2 - S1 * S1 / S);
-          gm += mc[cc];
-        }
-        gm /= Cg;
-        double m2 = 0;
-        for (int64_t cc = 0; cc < Cg; ++cc) {
-          const double d = mc[cc] - gm;
-          m2 += m2c[cc] + S * d * d;
-        }
-        const double var = m2 / (Cg * S);
-        const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
-        const acc_t m = static_cast<acc_t>(gm);
-        mean[n * G + g] = m;
-        rstd[n * G + g] = rs;
-        for (int64_t cc = 0; cc < Cg; ++cc) {
-          const int64_t c = g * Cg + cc;
-          a[i * C + c] = rs * w[c];
-          bcoef[i * C + c] = b[c] - m * a[i * C + c];
-        }
-      }
-    }
-    // pass 2: normalize (re-reads the sweep's samples from cache)
+    return;
+  }
+  const int64_t nb = samples_per_sweep(S, C, sizeof(scalar_t), N);
+  std::vector<acc_t> p1(nb * nchunks * C), p2(nb * nchunks * C);  // (nb, chunk, C)
+  std::vector<acc_t> a(nb * C), bc(nb * C);                       // (nb, C)
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nn = std::min(nb, N - n0);
     at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / nchunks, k = t % nchunks;
-        const int64_t sEnd = std::min(S, (k + 1) * rows);
-        for (int64_t s = k * rows; s < sEnd; ++s) {
-          const int64_t off = ((n0 + i) * S + s) * C;
-          apply_row_vec<A, R>(x + off, R ? r + off : nullptr, y + off, C, a.data() + i * C,
-                              bcoef.data() + i * C);
-        }
+        nhwc_stats_chunk(x + (n0 + i) * SC, S, C, k, rows, p1.data() + t * C,
+                         p2.data() + t * C);
+      }
+    });
+    for (int64_t i = 0; i < nn; ++i) {
+      const int64_t n = n0 + i;
+      nhwc_finish_stats(x + n * SC, p1.data() + i * nchunks * C, p2.data() + i * nchunks * C,
+                        nchunks, S, C, G, eps, w, b, mean + n * G, rstd + n * G,
+                        a.data() + i * C, bc.data() + i * C);
+    }
+    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t i = t / nchunks, k = t % nchunks, n = n0 + i;
+        nhwc_apply_chunk<A, R>(x + n * SC, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
+                               a.data() + i * C, bc.data() + i * C);
       }
     });
   }
 }
+
 
 // ---------------------------------------------------------------- backward, NCHW
 // ds/db: (N, C) per-(n, c) partial sums of dz * x and dz, for dw/db and for c1/c2.
@@ -376,6 +418,113 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
 }
 
 // ---------------------------------------------------------------- backward, NHWC
+// Per-sample coefficients: z = x * a + bz (pre-activation), dx = a * dz + B * x + D.
+template <typename acc_t>
+void nhwc_bwd_coef(const acc_t* w, const acc_t* b, const acc_t* mean_n, const acc_t* rstd_n,
+                   int64_t C, int64_t G, acc_t* a, acc_t* bz) {
+  const int64_t Cg = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    a[c] = rstd_n[c / Cg] * w[c];
+    bz[c] = b[c] - mean_n[c / Cg] * a[c];
+  }
+}
+
+// Per-channel sums of dz * x and dz over chunk k of one sample.
+template <int A, bool R, typename scalar_t, typename acc_t>
+void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn, int64_t S,
+                          int64_t C, int64_t k, int64_t rows, const acc_t* __restrict a,
+                          const acc_t* __restrict bz, acc_t* __restrict s1,
+                          acc_t* __restrict s2) {
+  std::fill(s1, s1 + C, acc_t(0));
+  std::fill(s2, s2 + C, acc_t(0));
+  const int64_t sEnd = std::min(S, (k + 1) * rows);
+  for (int64_t s = k * rows; s < sEnd; ++s) {
+    const scalar_t* __restrict xr = xn + s * C;
+    const scalar_t* __restrict dyr = dyn + s * C;
+    const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t xv = static_cast<acc_t>(xr[c]);
+      acc_t dz = static_cast<acc_t>(dyr[c]);
+      if constexpr (A != kNone) {
+        acc_t z = xv * a[c] + bz[c];
+        if constexpr (R) z += static_cast<acc_t>(rr[c]);
+        dz *= act_grad<A>(z);
+      }
+      s1[c] += dz * xv;
+      s2[c] += dz;
+    }
+  }
+}
+
+// Chunk partials -> ds/db of sample n (double, kept for dw/db) and the dx coefficients B, D.
+template <typename acc_t>
+void nhwc_bwd_finish(const acc_t* part1, const acc_t* part2, int64_t nchunks, int64_t S,
+                     int64_t C, int64_t G, const acc_t* w, const acc_t* mean_n,
+                     const acc_t* rstd_n, double* ds_n, double* db_n, acc_t* Bc, acc_t* Dc) {
+  const int64_t Cg = C / G;
+  for (int64_t c = 0; c < C; ++c) {
+    double S1 = 0, S2 = 0;
+    for (int64_t k = 0; k < nchunks; ++k) {
+      S1 += part1[k * C + c];
+      S2 += part2[k * C + c];
+    }
+    ds_n[c] = S1;
+    db_n[c] = S2;
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const double m = mean_n[g], rs = rstd_n[g];
+    double sum1 = 0, sum2 = 0;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      sum1 += static_cast<double>(w[c]) * (ds_n[c] - m * db_n[c]);
+      sum2 += static_cast<double>(w[c]) * db_n[c];
+    }
+    const double c1 = sum1 * rs / (Cg * S), c2 = sum2 / (Cg * S);
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+      Bc[c] = static_cast<acc_t>(-rs * rs * c1);
+      Dc[c] = static_cast<acc_t>(rs * rs * c1 * m - rs * c2);
+    }
+  }
+}
+
+template <int A, bool R, typename scalar_t, typename acc_t>
+void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn,
+                          scalar_t* dxn, scalar_t* dzn, int64_t S, int64_t C, int64_t k,
+                          int64_t rows, const acc_t* __restrict a, const acc_t* __restrict bz,
+                          const acc_t* __restrict Bc, const acc_t* __restrict Dc) {
+  const int64_t sEnd = std::min(S, (k + 1) * rows);
+  for (int64_t s = k * rows; s < sEnd; ++s) {
+    const scalar_t* __restrict xr = xn + s * C;
+    const scalar_t* __restrict dyr = dyn + s * C;
+    const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
+    scalar_t* __restrict dxr = dxn + s * C;
+    if (dzn != nullptr) {
+      scalar_t* __restrict dzr = dzn + s * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(xr[c]);
+        acc_t z = xv * a[c] + bz[c];
+        if constexpr (R) z += static_cast<acc_t>(rr[c]);
+        const acc_t dz = static_cast<acc_t>(dyr[c]) * act_grad<A>(z);
+        dzr[c] = static_cast<scalar_t>(dz);
+        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * xv + Dc[c]);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(xr[c]);
+        acc_t dz = static_cast<acc_t>(dyr[c]);
+        if constexpr (A != kNone) {
+          acc_t z = xv * a[c] + bz[c];
+          if constexpr (R) z += static_cast<acc_t>(rr[c]);
+          dz *= act_grad<A>(z);
+        }
+        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * xv + Dc[c]);
+      }
+    }
+  }
+}
+
 template <int A, bool R, typename scalar_t>
 void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
@@ -383,124 +532,65 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               scalar_t* dx, scalar_t* dz_out, double* ds, double* db, int64_t N, int64_t C,
               int64_t S, int64_t G) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cg = C / G;
-  const int64_t M = Cg * S;
   const int64_t rows = rows_per_chunk(C);
   const int64_t nchunks = (S + rows - 1) / rows;
+  const int64_t SC = S * C;
+  if (per_sample_tasks(N)) {
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bz(C), Bc(C), Dc(C);
+      for (int64_t n = begin; n < end; ++n) {
+        const int64_t o = n * SC;
+        const scalar_t* rn = R ? r + o : nullptr;
+        nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, a.data(), bz.data());
+        for (int64_t k = 0; k < nchunks; ++k) {
+          nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, rn, S, C, k, rows, a.data(), bz.data(),
+                                     p1.data() + k * C, p2.data() + k * C);
+        }
+        nhwc_bwd_finish(p1.data(), p2.data(), nchunks, S, C, G, w, mean + n * G, rstd + n * G,
+                        ds + n * C, db + n * C, Bc.data(), Dc.data());
+        for (int64_t k = 0; k < nchunks; ++k) {
+          nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, rn, dx + o, dz_out ? dz_out + o : nullptr, S,
+                                     C, k, rows, a.data(), bz.data(), Bc.data(), Dc.data());
+        }
+      }
+    });
+    return;
+  }
   const int64_t nb = samples_per_sweep(S, C, 2 * sizeof(scalar_t), N);
-  std::vector<acc_t> part1(nb * nchunks * C), part2(nb * nchunks * C);  // (nb, chunk, C)
-  // per-sample, per-channel coefficients: z = x * a + bz, dx = A * dz + B * x + D
+  std::vector<acc_t> p1(nb * nchunks * C), p2(nb * nchunks * C);  // (nb, chunk, C)
   std::vector<acc_t> a(nb * C), bz(nb * C), Bc(nb * C), Dc(nb * C);
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t nn = std::min(nb, N - n0);
     for (int64_t i = 0; i < nn; ++i) {
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t ng = (n0 + i) * G + c / Cg;
-        a[i * C + c] = rstd[ng] * w[c];
-        bz[i * C + c] = b[c] - mean[ng] * a[i * C + c];
-      }
+      nhwc_bwd_coef(w, b, mean + (n0 + i) * G, rstd + (n0 + i) * G, C, G, a.data() + i * C,
+                    bz.data() + i * C);
     }
-    // pass 1: per-chunk, per-channel sums of dz * x and dz
     at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        acc_t* s1 = part1.data() + t * C;
-        acc_t* s2 = part2.data() + t * C;
-        std::fill(s1, s1 + C, acc_t(0));
-        std::fill(s2, s2 + C, acc_t(0));
-        const acc_t* ai = a.data() + i * C;
-        const acc_t* bi = bz.data() + i * C;
-        const int64_t sEnd = std::min(S, (k + 1) * rows);
-        for (int64_t s = k * rows; s < sEnd; ++s) {
-          const int64_t off = ((n0 + i) * S + s) * C;
-          const scalar_t* xr = x + off;
-          const scalar_t* dyr = dy + off;
-          const scalar_t* rr = R ? r + off : nullptr;
-#pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = static_cast<acc_t>(xr[c]);
-            acc_t dz = static_cast<acc_t>(dyr[c]);
-            if constexpr (A != kNone) {
-              acc_t z = xv * ai[c] + bi[c];
-              if constexpr (R) z += static_cast<acc_t>(rr[c]);
-              dz *= act_grad<A>(z);
-            }
-            s1[c] += dz * xv;
-            s2[c] += dz;
-          }
-        }
+        const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
+        nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows,
+                                   a.data() + i * C, bz.data() + i * C, p1.data() + t * C,
+                                   p2.data() + t * C);
       }
     });
     for (int64_t i = 0; i < nn; ++i) {
       const int64_t n = n0 + i;
-      for (int64_t c = 0; c < C; ++c) {
-        double S1 = 0, S2 = 0;
-        for (int64_t k = 0; k < nchunks; ++k) {
-          S1 += part1[(i * nchunks + k) * C + c];
-          S2 += part2[(i * nchunks + k) * C + c];
-        }
-        ds[n * C + c] = S1;
-        db[n * C + c] = S2;
-      }
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t ng = n * G + g;
-        const double m = mean[ng], rs = rstd[ng];
-        double sum1 = 0, sum2 = 0;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          sum1 += static_cast<double>(w[c]) * (ds[n * C + c] - m * db[n * C + c]);
-          sum2 += static_cast<double>(w[c]) * db[n * C + c];
-        }
-        const double c1 = sum1 * rs / M, c2 = sum2 / M;
-        for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-          Bc[i * C + c] = static_cast<acc_t>(-rs * rs * c1);
-          Dc[i * C + c] = static_cast<acc_t>(rs * rs * c1 * m - rs * c2);
-        }
-      }
+      nhwc_bwd_finish(p1.data() + i * nchunks * C, p2.data() + i * nchunks * C, nchunks, S, C, G,
+                      w, mean + n * G, rstd + n * G, ds + n * C, db + n * C, Bc.data() + i * C,
+                      Dc.data() + i * C);
     }
-    // pass 2: dx (and dz for the residual's gradient)
     at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        const acc_t* ai = a.data() + i * C;
-        const acc_t* bi = bz.data() + i * C;
-        const acc_t* Bi = Bc.data() + i * C;
-        const acc_t* Di = Dc.data() + i * C;
-        const int64_t sEnd = std::min(S, (k + 1) * rows);
-        for (int64_t s = k * rows; s < sEnd; ++s) {
-          const int64_t off = ((n0 + i) * S + s) * C;
-          const scalar_t* xr = x + off;
-          const scalar_t* dyr = dy + off;
-          const scalar_t* rr = R ? r + off : nullptr;
-          scalar_t* dxr = dx + off;
-          if (dz_out != nullptr) {
-            scalar_t* dzr = dz_out + off;
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = static_cast<acc_t>(xr[c]);
-              acc_t z = xv * ai[c] + bi[c];
-              if constexpr (R) z += static_cast<acc_t>(rr[c]);
-              const acc_t dz = static_cast<acc_t>(dyr[c]) * act_grad<A>(z);
-              dzr[c] = static_cast<scalar_t>(dz);
-              dxr[c] = static_cast<scalar_t>(ai[c] * dz + Bi[c] * xv + Di[c]);
-            }
-          } else {
-#pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = static_cast<acc_t>(xr[c]);
-              acc_t dz = static_cast<acc_t>(dyr[c]);
-              if constexpr (A != kNone) {
-                acc_t z = xv * ai[c] + bi[c];
-                if constexpr (R) z += static_cast<acc_t>(rr[c]);
-                dz *= act_grad<A>(z);
-              }
-              dxr[c] = static_cast<scalar_t>(ai[c] * dz + Bi[c] * xv + Di[c]);
-            }
-          }
-        }
+        const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
+        nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, dx + o,
+                                   dz_out ? dz_out + o : nullptr, S, C, k, rows,
+                                   a.data() + i * C, bz.data() + i * C, Bc.data() + i * C,
+                                   Dc.data() + i * C);
       }
     });
   }
 }
+
 
 // Calls F<A, R>() for the runtime activation code and residual flag.
 template <typename F>
@@ -522,8 +612,6 @@ void check_inputs(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
   TORCH_CHECK(x.dim() >= 2, "groupnorm_cpu: x must be (N, C, *spatial), got ", x.sizes());
   const int64_t C = x.size(1);
   TORCH_CHECK(G > 0 && C % G == 0, "groupnorm_cpu: C (", C, ") not divisible by G (", G, ")");
-  TORCH_CHECK(C / G <= 1024 || !cl, "groupnorm_cpu: channels_last needs C/G <= 1024, got ",
-              C / G);
   const auto fmt = !cl ? at::MemoryFormat::Contiguous
                        : (x.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
                                        : at::MemoryFormat::ChannelsLast);
