@@ -76,11 +76,13 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Unpickler that rebuilds numpy arrays and plain containers and nothing else.
 
     The CIFAR batches are Python pickles; loading a pickle can run arbitrary code, so only the
-    globals a numpy array needs are allowed (``numpy.core`` is mapped to numpy 2's ``numpy._core``).
+    globals a numpy array needs are allowed (``numpy.core`` is mapped to numpy 2's ``numpy._core``),
+    plus ``_codecs.encode``, which Python 3 uses to pickle ``bytes`` at protocol 2.
     """
 
     _ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-                for n in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+                for n in ("_reconstruct", "scalar")}
+    _ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle protocol
         if (module, name) not in self._ALLOWED:
