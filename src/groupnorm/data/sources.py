@@ -154,8 +154,11 @@ def try_download(remotes: Sequence[Remote], root: str | os.PathLike | None,
                  subdir: str) -> tuple[Path | None, str | None]:
     """Download into ``root`` (or the cache) / ``subdir``; return (dir, None) or (None, why)."""
     dest = (Path(root).expanduser() if root is not None else cache_dir()) / subdir
+    existed = dest.exists()
     try:
         download(remotes, dest)
     except (OSError, urllib.error.URLError, CorruptDatasetError) as e:
+        if not existed and dest.is_dir() and not any(dest.iterdir()):
+            dest.rmdir()  # leave no empty folder behind a failed download
         return None, f"{type(e).__name__}: {e}"
     return dest, None
