@@ -12,9 +12,10 @@
 // Backward (see kernels/README in triton_kernels.py for the same derivation):
 //   dz = dy * act'(z),  z = xhat * w + b + r,  xhat = (x - mean) * rstd
 //   c1 = mean_group(dz * w * xhat),  c2 = mean_group(dz * w)
-//   dx = rstd * (dz * w - c1 * xhat - c2)   = A_c * dz + B_g * x + D_g
+//   dx = rstd * (dz * w - c1 * xhat - c2)   = a_c * dz + B_g * (x - mean) + D_g
 //   dw_c = sum_{n,s} dz * xhat,  db_c = sum_{n,s} dz   (per-(n, c) partials, reduced in a fixed
-//   order: bit-identical across calls and thread counts)
+//   order: bit-identical across calls and thread counts). Sums use (x - mean), never x alone,
+//   so inputs with a large offset lose no digits to cancellation.
 // Work is split into fixed chunks (independent of the thread count) run by at::parallel_for.
 
 #include <ATen/Dispatch.h>
@@ -328,7 +329,7 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
 
 
 // ---------------------------------------------------------------- backward, NCHW
-// ds/db: (N, C) per-(n, c) partial sums of dz * x and dz, for dw/db and for c1/c2.
+// ds/db: (N, C) per-(n, c) partial sums of dz * xhat and dz, for dw/db and for c1/c2.
 template <int A, bool R, typename scalar_t>
 void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               const at::opmath_type<scalar_t>* w, const at::opmath_type<scalar_t>* b,
@@ -342,7 +343,7 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
       const acc_t m = mean[ng], rs = rstd[ng];
-      double sum1 = 0, sum2 = 0;  // sum_c w_c * (ds_c - m * db_c), sum_c w_c * db_c
+      double sum1 = 0, sum2 = 0;  // sum_c w_c * ds_c, sum_c w_c * db_c
       for (int64_t cc = 0; cc < Cg; ++cc) {
         const int64_t c = g * Cg + cc;
         const int64_t off = ng * M + cc * S;
@@ -364,21 +365,22 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               if constexpr (R) z += static_cast<acc_t>(rr[i]);
               dz *= act_grad<A>(z);
             }
-            s_ds += dz * xv;
+            s_ds += dz * (xv - m);
             s_db += dz;
           }
           dsc += s_ds;
           dbc += s_db;
         }
+        dsc *= rs;
         ds[n * C + c] = dsc;
         db[n * C + c] = dbc;
-        sum1 += static_cast<double>(w[c]) * (dsc - static_cast<double>(m) * dbc);
+        sum1 += static_cast<double>(w[c]) * dsc;
         sum2 += static_cast<double>(w[c]) * dbc;
       }
-      const double c1 = sum1 * rs / M;  // mean(dz * w * xhat)
-      const double c2 = sum2 / M;       // mean(dz * w)
+      const double c1 = sum1 / M;  // mean(dz * w * xhat)
+      const double c2 = sum2 / M;  // mean(dz * w)
       const acc_t B = static_cast<acc_t>(-static_cast<double>(rs) * rs * c1);
-      const acc_t D = static_cast<acc_t>(static_cast<double>(rs) * rs * c1 * m - rs * c2);
+      const acc_t D = static_cast<acc_t>(-rs * c2);
       for (int64_t cc = 0; cc < Cg; ++cc) {
         const int64_t c = g * Cg + cc;
         const int64_t off = ng * M + cc * S;
@@ -397,7 +399,7 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
             if constexpr (R) z += static_cast<acc_t>(rr[i]);
             const acc_t dz = static_cast<acc_t>(dyr[i]) * act_grad<A>(z);
             dzr[i] = static_cast<scalar_t>(dz);
-            dxr[i] = static_cast<scalar_t>(a * dz + B * xv + D);
+            dxr[i] = static_cast<scalar_t>(a * dz + B * (xv - m) + D);
           }
         } else {
 #pragma omp simd
@@ -409,7 +411,7 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               if constexpr (R) z += static_cast<acc_t>(rr[i]);
               dz *= act_grad<A>(z);
             }
-            dxr[i] = static_cast<scalar_t>(a * dz + B * xv + D);
+            dxr[i] = static_cast<scalar_t>(a * dz + B * (xv - m) + D);
           }
         }
       }
@@ -418,22 +420,24 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
 }
 
 // ---------------------------------------------------------------- backward, NHWC
-// Per-sample coefficients: z = x * a + bz (pre-activation), dx = a * dz + B * x + D.
+// Per-sample coefficients: z = x * a + bz (pre-activation), dx = a * dz + B * (x - mc) + D.
 template <typename acc_t>
 void nhwc_bwd_coef(const acc_t* w, const acc_t* b, const acc_t* mean_n, const acc_t* rstd_n,
-                   int64_t C, int64_t G, acc_t* a, acc_t* bz) {
+                   int64_t C, int64_t G, acc_t* a, acc_t* bz, acc_t* mc) {
   const int64_t Cg = C / G;
   for (int64_t c = 0; c < C; ++c) {
+    mc[c] = mean_n[c / Cg];
     a[c] = rstd_n[c / Cg] * w[c];
     bz[c] = b[c] - mean_n[c / Cg] * a[c];
   }
 }
 
-// Per-channel sums of dz * x and dz over chunk k of one sample.
+// Per-channel sums of dz * (x - mean) and dz over chunk k of one sample.
 template <int A, bool R, typename scalar_t, typename acc_t>
 void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn, int64_t S,
                           int64_t C, int64_t k, int64_t rows, const acc_t* __restrict a,
-                          const acc_t* __restrict bz, acc_t* __restrict s1,
+                          const acc_t* __restrict bz, const acc_t* __restrict mc,
+                          acc_t* __restrict s1,
                           acc_t* __restrict s2) {
   std::fill(s1, s1 + C, acc_t(0));
   std::fill(s2, s2 + C, acc_t(0));
@@ -451,7 +455,7 @@ void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
         if constexpr (R) z += static_cast<acc_t>(rr[c]);
         dz *= act_grad<A>(z);
       }
-      s1[c] += dz * xv;
+      s1[c] += dz * (xv - mc[c]);
       s2[c] += dz;
     }
   }
@@ -469,20 +473,20 @@ void nhwc_bwd_finish(const acc_t* part1, const acc_t* part2, int64_t nchunks, in
       S1 += part1[k * C + c];
       S2 += part2[k * C + c];
     }
-    ds_n[c] = S1;
+    ds_n[c] = S1 * static_cast<double>(rstd_n[c / Cg]);
     db_n[c] = S2;
   }
   for (int64_t g = 0; g < G; ++g) {
-    const double m = mean_n[g], rs = rstd_n[g];
+    const double rs = rstd_n[g];
     double sum1 = 0, sum2 = 0;
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
-      sum1 += static_cast<double>(w[c]) * (ds_n[c] - m * db_n[c]);
+      sum1 += static_cast<double>(w[c]) * ds_n[c];
       sum2 += static_cast<double>(w[c]) * db_n[c];
     }
-    const double c1 = sum1 * rs / (Cg * S), c2 = sum2 / (Cg * S);
+    const double c1 = sum1 / (Cg * S), c2 = sum2 / (Cg * S);
     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
       Bc[c] = static_cast<acc_t>(-rs * rs * c1);
-      Dc[c] = static_cast<acc_t>(rs * rs * c1 * m - rs * c2);
+      Dc[c] = static_cast<acc_t>(-rs * c2);
     }
   }
 }
@@ -491,7 +495,8 @@ template <int A, bool R, typename scalar_t, typename acc_t>
 void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn,
                           scalar_t* dxn, scalar_t* dzn, int64_t S, int64_t C, int64_t k,
                           int64_t rows, const acc_t* __restrict a, const acc_t* __restrict bz,
-                          const acc_t* __restrict Bc, const acc_t* __restrict Dc) {
+                          const acc_t* __restrict mc, const acc_t* __restrict Bc,
+                          const acc_t* __restrict Dc) {
   const int64_t sEnd = std::min(S, (k + 1) * rows);
   for (int64_t s = k * rows; s < sEnd; ++s) {
     const scalar_t* __restrict xr = xn + s * C;
@@ -507,7 +512,7 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
         if constexpr (R) z += static_cast<acc_t>(rr[c]);
         const acc_t dz = static_cast<acc_t>(dyr[c]) * act_grad<A>(z);
         dzr[c] = static_cast<scalar_t>(dz);
-        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * xv + Dc[c]);
+        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
     } else {
 #pragma omp simd
@@ -519,7 +524,7 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
           if constexpr (R) z += static_cast<acc_t>(rr[c]);
           dz *= act_grad<A>(z);
         }
-        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * xv + Dc[c]);
+        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
     }
   }
@@ -537,20 +542,21 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   const int64_t SC = S * C;
   if (per_sample_tasks(N)) {
     at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bz(C), Bc(C), Dc(C);
+      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bz(C), mc(C), Bc(C), Dc(C);
       for (int64_t n = begin; n < end; ++n) {
         const int64_t o = n * SC;
         const scalar_t* rn = R ? r + o : nullptr;
-        nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, a.data(), bz.data());
+        nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, a.data(), bz.data(), mc.data());
         for (int64_t k = 0; k < nchunks; ++k) {
           nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, rn, S, C, k, rows, a.data(), bz.data(),
-                                     p1.data() + k * C, p2.data() + k * C);
+                                     mc.data(), p1.data() + k * C, p2.data() + k * C);
         }
         nhwc_bwd_finish(p1.data(), p2.data(), nchunks, S, C, G, w, mean + n * G, rstd + n * G,
                         ds + n * C, db + n * C, Bc.data(), Dc.data());
         for (int64_t k = 0; k < nchunks; ++k) {
           nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, rn, dx + o, dz_out ? dz_out + o : nullptr, S,
-                                     C, k, rows, a.data(), bz.data(), Bc.data(), Dc.data());
+                                     C, k, rows, a.data(), bz.data(), mc.data(), Bc.data(),
+                                     Dc.data());
         }
       }
     });
@@ -558,19 +564,19 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   }
   const int64_t nb = samples_per_sweep(S, C, 2 * sizeof(scalar_t), N);
   std::vector<acc_t> p1(nb * nchunks * C), p2(nb * nchunks * C);  // (nb, chunk, C)
-  std::vector<acc_t> a(nb * C), bz(nb * C), Bc(nb * C), Dc(nb * C);
+  std::vector<acc_t> a(nb * C), bz(nb * C), mc(nb * C), Bc(nb * C), Dc(nb * C);
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t nn = std::min(nb, N - n0);
     for (int64_t i = 0; i < nn; ++i) {
       nhwc_bwd_coef(w, b, mean + (n0 + i) * G, rstd + (n0 + i) * G, C, G, a.data() + i * C,
-                    bz.data() + i * C);
+                    bz.data() + i * C, mc.data() + i * C);
     }
     at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
         nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows,
-                                   a.data() + i * C, bz.data() + i * C, p1.data() + t * C,
-                                   p2.data() + t * C);
+                                   a.data() + i * C, bz.data() + i * C, mc.data() + i * C,
+                                   p1.data() + t * C, p2.data() + t * C);
       }
     });
     for (int64_t i = 0; i < nn; ++i) {
@@ -584,8 +590,8 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
         const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
         nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, dx + o,
                                    dz_out ? dz_out + o : nullptr, S, C, k, rows,
-                                   a.data() + i * C, bz.data() + i * C, Bc.data() + i * C,
-                                   Dc.data() + i * C);
+                                   a.data() + i * C, bz.data() + i * C, mc.data() + i * C,
+                                   Bc.data() + i * C, Dc.data() + i * C);
       }
     });
   }
@@ -692,19 +698,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_bwd(
          need_dz ? dz.mutable_data_ptr<scalar_t>() : nullptr, ds.mutable_data_ptr<double>(),
          dbs.mutable_data_ptr<double>(), N, C, S, G);
     });
-    // dw_c = sum_n (ds - mean * db) * rstd, db_c = sum_n db: fixed order over n.
+    // dw_c = sum_n ds, db_c = sum_n db: fixed order over n.
     const double* dsp = ds.const_data_ptr<double>();
     const double* dbp = dbs.const_data_ptr<double>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* rp2 = rstd.const_data_ptr<acc_t>();
     acc_t* dwp = dw.mutable_data_ptr<acc_t>();
     acc_t* dbo = db.mutable_data_ptr<acc_t>();
-    const int64_t Cg = C / G;
     for (int64_t c = 0; c < C; ++c) {
       double sw = 0, sb = 0;
       for (int64_t n = 0; n < N; ++n) {
-        const int64_t ng = n * G + c / Cg;
-        sw += (dsp[n * C + c] - static_cast<double>(mp[ng]) * dbp[n * C + c]) * rp2[ng];
+        sw += dsp[n * C + c];
         sb += dbp[n * C + c];
       }
       dwp[c] = static_cast<acc_t>(sw);
