@@ -28,6 +28,15 @@ class BackendUnavailable(RuntimeError):
     """A fast backend cannot run this input (no device, no compiler, unsupported layout)."""
 
 
+@torch.compiler.assume_constant_result
+def _cpu_ext_ready() -> bool:
+    """Whether the C++ extension is built (compiling it at first call); a constant to dynamo."""
+    from groupnorm.kernels import cpu_ext
+
+    return cpu_ext.load_cpu_ext()
+
+
+@torch.compiler.assume_constant_result
 @functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works (kernels also need CUDA or ``TRITON_INTERPRET=1``)."""
@@ -38,6 +47,7 @@ def triton_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -63,11 +73,8 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return "torch"
     choice = CPU_AUTO_TABLE[(is_channels_last(x), activation is not None or residual is not None)]
-    if choice == "cpu":
-        from groupnorm.kernels.cpu_ext import load_cpu_ext
-
-        if not load_cpu_ext():
-            return "torch"
+    if choice == "cpu" and not _cpu_ext_ready():
+        return "torch"
     return choice
 
 
@@ -104,9 +111,7 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
                                      "use backend='triton' or 'torch'")
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise BackendUnavailable(f"backend 'cpu' does not support dtype {x.dtype}")
-        from groupnorm.kernels.cpu_ext import load_cpu_ext
-
-        if not load_cpu_ext():  # warned once inside
+        if not _cpu_ext_ready():  # warned once inside load_cpu_ext
             return _torch_path(x, num_groups, weight, bias, eps, activation, residual)
         from groupnorm.kernels.ops import gn_cpu_fwd as op
     elif backend == "triton":
