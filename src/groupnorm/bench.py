@@ -1,0 +1,307 @@
+"""`groupnorm bench`: GroupNorm operator benchmark — our fast backend vs torch, and vs a copy.
+
+For each shape × layout (NCHW / NHWC) × dtype × variant (plain GN, GN+SiLU) × pass (fwd, bwd,
+fwd+bwd) it times torch (``F.group_norm``, then ``F.silu`` for the fused variant) and our backend
+(``"cpu"`` on the CPU, ``"triton"`` on CUDA) round-robin with ``x.clone()`` in the same loop, so
+that ratios come from the same minutes of a shared, noisy machine. Reported per measurement:
+p20 / p50 / p80 time, GB/s from the bytes that must move (fwd: read x, write y; bwd: read x and
+dy, write dx; fwd+bwd: both), GB/s ÷ the clone's GB/s (``frac_of_copy``), and torch p50 ÷ ours
+p50 (``speedup``). One tidy CSV row per measurement, plus a printed table.
+
+    groupnorm bench                       # CPU: 2 threads, quick subset, fp32 (a few minutes)
+    groupnorm bench --device cuda         # all shapes, fp32 / bf16 / fp16
+    groupnorm bench --shapes 8x256x56x56 --dtype fp32,bf16 --csv out/bench.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+GROUPS = 32
+ALL_SHAPES = [
+    (32, 64, 56, 56),
+    (8, 256, 32, 32),
+    (1, 512, 64, 64),
+    (2, 320, 64, 64),
+    (1, 128, 64, 64),
+    (1, 128, 16, 64, 64),  # video
+    (8, 256, 56, 56),  # 25.7 MB in fp32: the CPU target size
+]
+# CPU default: the 25 MB target plus a small, a single-sample and a video case.
+QUICK_SHAPES = [(8, 256, 56, 56), (8, 256, 32, 32), (1, 128, 64, 64), (1, 128, 16, 64, 64)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PASSES = ("fwd", "bwd", "fwd+bwd")
+# tensors of x's size that must move per pass (reads + writes)
+TENSORS_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+FIELDS = ["timestamp", "device", "device_name", "torch", "triton", "threads", "shape", "layout",
+          "dtype", "variant", "pass", "backend", "p20_ms", "p50_ms", "p80_ms", "gbps",
+          "frac_of_copy", "speedup", "bytes"]
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"shape {text!r} is not like 8x256x32x32") from err
+    if len(shape) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"shape {text!r} must have 4 or 5 dims (N, C, *spatial)")
+    return shape
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="groupnorm bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--shapes", default=None,
+                   help="'quick', 'all', or comma-separated NxCxHxW[xD] "
+                        "(default: quick on CPU, all on CUDA)")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated of fp32,bf16,fp16 (default: fp32 on CPU, all on CUDA)")
+    p.add_argument("--layouts", default="nchw,nhwc", help="comma-separated of nchw,nhwc")
+    p.add_argument("--variants", default="gn,gn+silu", help="comma-separated of gn,gn+silu")
+    p.add_argument("--passes", default=",".join(PASSES), help="comma-separated of fwd,bwd,fwd+bwd")
+    p.add_argument("--csv", default=None, type=Path, help="append rows to this CSV file")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
+    p.add_argument("--min-time", type=float, default=0.4,
+                   help="seconds of timing per contender and case (default: 0.4)")
+    p.add_argument("--reps", type=int, default=None, help="fixed repetitions (overrides min-time)")
+    return p
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call (CUDA: events around the call)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_time: float,
+            reps: int | None = None) -> dict[str, list[float]]:
+    """Times each function round-robin (warm-up first); returns the samples in seconds."""
+    for fn in fns.values():  # warm-up: compile / allocate / fault pages in
+        fn()
+        fn()
+    _sync(device)
+    if reps is None:
+        one = sum(_time_once(fn, device) for fn in fns.values())
+        reps = int(min(200, max(7, min_time * len(fns) / max(one, 1e-6))))
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            samples[name].append(_time_once(fn, device))
+    return samples
+
+
+def _quantiles(ts: list[float]) -> tuple[float, float, float]:
+    q = statistics.quantiles(ts, n=10, method="inclusive")
+    return q[1], statistics.median(ts), q[7]
+
+
+def _make_op(backend: str, variant: str, groups: int) -> Callable:
+    act = "silu" if variant == "gn+silu" else None
+
+    if backend == "torch":
+        def op(x, w, b):
+            y = F.group_norm(x, groups, w, b, 1e-5)
+            return F.silu(y) if act else y
+    else:
+        from groupnorm.kernels import group_norm_fast
+
+        def op(x, w, b):
+            return group_norm_fast(backend, x, groups, w, b, 1e-5, act, None)
+    return op
+
+
+def _pass_fn(op: Callable, pass_: str, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+             dy: torch.Tensor) -> Callable[[], object]:
+    xg = x.detach().requires_grad_()
+    wg = w.detach().requires_grad_()
+    bg = b.detach().requires_grad_()
+    if pass_ == "fwd":
+        def fn():
+            with torch.no_grad():
+                return op(x, w, b)
+    elif pass_ == "bwd":
+        y = op(xg, wg, bg)
+
+        def fn():
+            return torch.autograd.grad(y, [xg, wg, bg], dy, retain_graph=True)
+    else:
+        def fn():
+            y = op(xg, wg, bg)
+            return torch.autograd.grad(y, [xg, wg, bg], dy)
+    return fn
+
+
+def _env(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        triton_version = ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return {"timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "device": device.type, "device_name": name, "torch": torch.__version__,
+            "triton": triton_version,
+            "threads": str(torch.get_num_threads()) if device.type == "cpu" else ""}
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "nchw":
+        return x.contiguous()
+    return x.contiguous(memory_format=torch.channels_last if x.dim() == 4
+                        else torch.channels_last_3d)
+
+
+def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
+        variants: list[str], passes: list[str], device: torch.device, min_time: float,
+        reps: int | None = None) -> list[dict[str, object]]:
+    """All measurements as tidy rows (see FIELDS)."""
+    ours = "triton" if device.type == "cuda" else "cpu"
+    env = _env(device)
+    rows: list[dict[str, object]] = []
+    for shape in shapes:
+        for dname in dtypes:
+            dtype = DTYPES[dname]
+            for layout in layouts:
+                torch.manual_seed(0)
+                x = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+                dy = _layout(torch.randn(shape, device=device, dtype=dtype), layout)
+                c = shape[1]
+                w = torch.rand(c, device=device, dtype=dtype) + 0.5
+                b = torch.randn(c, device=device, dtype=dtype)
+                nbytes = x.numel() * x.element_size()
+                base = {**env, "shape": "x".join(map(str, shape)), "layout": layout,
+                        "dtype": dname}
+                for variant in variants:
+                    t_op, o_op = _make_op("torch", variant, GROUPS), _make_op(ours, variant,
+                                                                              GROUPS)
+                    with torch.no_grad():  # sanity: ours agrees with torch before timing
+                        diff = (t_op(x, w, b).float() - o_op(x, w, b).float()).abs().max().item()
+                    if diff > (1e-3 if dtype == torch.float32 else 0.1):
+                        raise RuntimeError(f"{ours} differs from torch by {diff} on {shape} "
+                                           f"{layout} {dname} {variant}")
+                    for pass_ in passes:
+                        fns = {"copy": lambda x=x: x.clone(),
+                               "torch": _pass_fn(t_op, pass_, x, w, b, dy),
+                               ours: _pass_fn(o_op, pass_, x, w, b, dy)}
+                        samples = measure(fns, device, min_time, reps)
+                        q = {k: _quantiles(v) for k, v in samples.items()}
+                        copy_gbps = 2 * nbytes / q["copy"][1] / 1e9
+                        moved = TENSORS_MOVED[pass_] * nbytes
+                        for backend in ("copy", "torch", ours):
+                            p20, p50, p80 = q[backend]
+                            is_copy = backend == "copy"
+                            gbps = (2 * nbytes if is_copy else moved) / p50 / 1e9
+                            rows.append({**base, "variant": "copy" if is_copy else variant,
+                                         "pass": "copy" if is_copy else pass_,
+                                         "backend": backend, "p20_ms": p20 * 1e3,
+                                         "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3,
+                                         "gbps": gbps, "frac_of_copy": gbps / copy_gbps,
+                                         "speedup": q["torch"][1] / p50,
+                                         "bytes": 2 * nbytes if is_copy else moved})
+                        _print_case(rows[-3:], ours)
+    return rows
+
+
+_HEADER = (f"{'shape':<16} {'layout':<5} {'dtype':<5} {'variant':<8} {'pass':<8} "
+           f"{'copy ms':>8} {'torch ms':>9} {'ours ms':>9} {'ours/torch':>10} "
+           f"{'GB/s':>7} {'of copy':>7}")
+
+
+def _print_case(rows: list[dict[str, object]], ours: str) -> None:
+    r = {row["backend"]: row for row in rows}
+    o = r[ours]
+    print(f"{o['shape']:<16} {o['layout']:<5} {o['dtype']:<5} {o['variant']:<8} "
+          f"{o['pass']:<8} {r['copy']['p50_ms']:8.2f} {r['torch']['p50_ms']:9.2f} "
+          f"{o['p50_ms']:9.2f} {o['speedup']:9.2f}x {o['gbps']:7.1f} "
+          f"{o['frac_of_copy']:7.2f}", flush=True)
+
+
+def write_csv(rows: list[dict[str, object]], path: Path) -> None:
+    """Append rows to a CSV (header written when the file is new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v)
+                             for k, v in row.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``groupnorm bench``; returns the exit status."""
+    args = _build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("groupnorm bench: --device cuda asked for but CUDA is not available",
+              file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    spec = args.shapes or ("quick" if device.type == "cpu" else "all")
+    if spec == "quick":
+        shapes = QUICK_SHAPES
+    elif spec == "all":
+        shapes = ALL_SHAPES
+    else:
+        shapes = [_parse_shape(s) for s in spec.split(",")]
+    dtypes = (args.dtype or ("fp32" if device.type == "cpu" else "fp32,bf16,fp16")).split(",")
+    for name in dtypes:
+        if name not in DTYPES:
+            print(f"groupnorm bench: unknown dtype {name!r}; use fp32, bf16 or fp16",
+                  file=sys.stderr)
+            return 2
+    env = _env(device)
+    print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'} | "
+          f"threads {env['threads'] or '-'} | {env['timestamp']} | G={GROUPS} | "
+          f"p50 of round-robin repeats; 'of copy' = GB/s ÷ x.clone() GB/s in the same loop")
+    print(_HEADER, flush=True)
+    rows = run(shapes, dtypes, args.layouts.split(","), args.variants.split(","),
+               args.passes.split(","), device, args.min_time, args.reps)
+    if args.csv is not None:
+        write_csv(rows, args.csv)
+        print(f"# wrote {len(rows)} rows to {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    raise SystemExit(main())
