@@ -2,8 +2,9 @@
 
 A preset is a TOML file with a `[defaults]` table (fields of `TrainConfig`) and any number of
 `[[study]]` tables, each with a `name`, a `kind` (what the report does with it), optional fixed
-`set` overrides and a `grid` of field -> list of values. Dotted keys reach into dict fields:
-`norm_options.num_groups = [1, 2, 4]`.
+`set` overrides and a `grid` of field -> list of values. A dict value replaces the whole dict
+field (`norm_options = { group_size = 1 }` drops the default num_groups); a quoted dotted key
+changes one entry: `"norm_options.num_groups" = [1, 2, 4]`. Grid keys vary last-fastest.
 """
 
 from __future__ import annotations
@@ -308,7 +309,7 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 def parse_preset(data: dict[str, Any], name: str) -> Preset:
     """Build a Preset from parsed TOML, checking every key against TrainConfig's fields."""
-    defaults = _flatten(data.get("defaults", {}))
+    defaults = dict(data.get("defaults", {}))
     for key in defaults:
         check_key(key)
     studies = []
@@ -321,8 +322,8 @@ def parse_preset(data: dict[str, Any], name: str) -> Preset:
             name=raw["name"],
             kind=raw.get("kind", "grid"),
             description=raw.get("description", ""),
-            set=_flatten(raw.get("set", {})),
-            grid=_flatten(raw.get("grid", {})),
+            set=dict(raw.get("set", {})),
+            grid=dict(raw.get("grid", {})),
         )
         for key in (*study.set, *study.grid):
             check_key(key)
@@ -331,16 +332,3 @@ def parse_preset(data: dict[str, Any], name: str) -> Preset:
         studies = [Study(name=name, kind="grid")]
     return Preset(name=name, description=data.get("description", ""), defaults=defaults,
                   studies=studies)
-
-
-def _flatten(table: dict[str, Any]) -> dict[str, Any]:
-    """Turn nested TOML tables of dict fields into dotted keys (`norm_options.num_groups`)."""
-    out: dict[str, Any] = {}
-    dict_fields = {k for k, v in TrainConfig().to_dict().items() if isinstance(v, dict)}
-    for key, value in table.items():
-        if key in dict_fields and isinstance(value, dict):
-            for sub, v in value.items():
-                out[f"{key}.{sub}"] = v
-        else:
-            out[key] = value
-    return out

@@ -78,9 +78,9 @@ def paper_value(kind: str, cell: dict[str, Any]) -> float | None:
             return paper.get(("batch_renorm", "n=4", "BR (r_max=1.5 d_max=0.5)"))
         return paper.get(("batch_renorm", "n=4", norm))
     if kind == "ws":
-        if norm == "GN+WS":
+        if norm == "GN+WS":  # batch-independent, so one number for every n
             return other.get(("weight_standardization", "micro-batch", "GN+WS", "val_error"))
-        return paper.get(("table1_norms", "n=32", norm))
+        return paper.get(("table2_batch", f"n={n}", norm))
     if kind == "video":
         acc = other.get(("kinetics_i3d", f"32 frames n={n}", norm, "top1_acc"))
         return None if acc is None else round(100.0 - acc, 2)
@@ -252,9 +252,6 @@ def findings(kind: str, varying: list[str], cells: list[Cell]) -> list[str]:
             elif kind == "batch_renorm":
                 lbl = "BR (r_max=1.5 d_max=0.5)" if norm == "brn" else norm_label(norm)
                 ref = pd(p("batch_renorm", "n=4", lbl), p("batch_renorm", "n=4", "BN"))
-            elif kind == "ws" and norm == "gn+ws":
-                ref = pd(other_published().get(("weight_standardization", "micro-batch", "GN+WS",
-                                                 "val_error")), p("table1_norms", "n=32", "BN"))
             elif kind == "finetune" and norm == "gn":
                 # COCO: GN box AP 40.3 vs frozen BN* 38.6; as "error" (100 - AP) the gap is -1.7
                 ref = -1.7
@@ -263,24 +260,27 @@ def findings(kind: str, varying: list[str], cells: list[Cell]) -> list[str]:
                     continue
                 rest = {k: v for k, v in c.values.items() if k != "norm"}
                 b = _find(cells, norm=base, **rest)
+                if kind == "ws":  # against BN at the same n in the GN paper's Table 2
+                    ref = pd(paper_value("ws", c.values),
+                             paper_value("ws", {**c.values, "norm": base}))
                 where = " ".join(f"{_col_name(k)}={v}" for k, v in rest.items())
                 out.append(f"{norm_label(norm)} − {norm_label(base)} error"
                            f"{' at ' + where if where else ''}: {_fmt_diff(_diff(c, b), ref)}")
     elif kind == "groups":
-        for key, lbl, base_v, ext_v, ref in (
-            ("norm_options.num_groups", "G", 32, 1, pd(p("table3_groups", "G=1 (LN)", "GN"),
-                                                       p("table3_groups", "G=32", "GN"))),
-            ("norm_options.group_size", "channels/group", 16, 1,
-             pd(p("table3_groups", "cpg=1 (IN)", "GN"), p("table3_groups", "cpg=16", "GN"))),
-        ):
+        for key, lbl in (("norm_options.num_groups", "G"),
+                         ("norm_options.group_size", "channels/group")):
             sel = [c for c in cells if c.values.get(key) is not None]
             if not sel:
                 continue
             best = min(sel, key=lambda c: mean_std(c.errors())[0])
             out.append(f"best {lbl}: {best.values[key]} ({fmt_pm(best.errors())}%)")
-            a, b = _find(sel, **{key: ext_v}), _find(sel, **{key: base_v})
-            if a is not None and b is not None:
-                out.append(f"{lbl}={ext_v} − {lbl}={base_v} error: {_fmt_diff(_diff(a, b), ref)}")
+            # the extreme (G=1 is LN, 1 channel/group is IN) against the largest other setting
+            values = sorted(c.values[key] for c in sel)
+            lo, hi = values[0], values[-1]
+            if lo != hi:
+                a, b = _find(sel, **{key: lo}), _find(sel, **{key: hi})
+                ref = pd(paper_value("groups", {key: lo}), paper_value("groups", {key: hi}))
+                out.append(f"{lbl}={lo} − {lbl}={hi} error: {_fmt_diff(_diff(a, b), ref)}")
     return out
 
 

@@ -138,8 +138,22 @@ def build_model(cfg: TrainConfig, train_set: Any) -> nn.Module:
         norm=cfg.norm,
         zero_init_residual=cfg.zero_init_residual,
         **cfg.model_options,
-        **cfg.norm_options,
+        **applicable_norm_options(cfg.norm, cfg.norm_options),
     )
+
+
+def applicable_norm_options(norm: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The norm options that `norm` takes: a study's GN options (num_groups) do not reach BN.
+
+    One preset can then set norm_options.num_groups for every run of a BN-vs-GN grid; the config
+    (and its hash) keeps them, the model only gets what its norm accepts.
+    """
+    from groupnorm import get_norm_layer, split_ws
+
+    if not options:
+        return {}
+    kind, _ = split_ws(norm)
+    return dict(get_norm_layer(kind, strict=False, **options).keywords)
 
 
 def seed_everything(seed: int) -> None:
@@ -429,6 +443,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, loader: Any, val_loader: Any,
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
     data_s = step_s = 0.0
+    lr = optimizer.param_groups[0]["lr"]
     bar = _Progress(len(loader), f"epoch {epoch}/{total_epochs}", cfg.progress and d.is_main)
     t0 = time.perf_counter()
     t_data = t0
@@ -441,6 +456,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, loader: Any, val_loader: Any,
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]  # the LR this step used (before the schedule moves)
         scheduler.step()
         loss_sum += loss.detach().double() * y.numel()
         wrong += (out.detach().argmax(1) != y).sum()
@@ -470,7 +486,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, loader: Any, val_loader: Any,
     timings["steps"] += len(loader)
     return {
         "phase": phase.name,
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": lr,
         "train_loss": float(loss_sum) / max(seen, 1),
         "train_error": 100.0 * float(wrong) / max(seen, 1),
         "val_loss": val_loss,
