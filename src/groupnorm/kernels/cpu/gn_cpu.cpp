@@ -4,8 +4,8 @@
 // (N, S, C) ("NHWC": channels_last / channels_last_3d). y = act(GN(x) * w + b + r).
 //
 // Statistics are accumulated in the op-math type (fp32; fp64 for double inputs) and are robust:
-//   NCHW: one group is a contiguous block that stays in L2, so an exact two-pass (mean, then
-//         sum of squared deviations) costs one DRAM read.
+//   NCHW: one group is a contiguous block; sums of (x - x[group start]) and its square (the
+//         shifted-data variance) in one pass, fp32 blocks added in double.
 //   NHWC: per-channel sums of shifted values (x - x[n, 0, c]) over row chunks, combined in
 //         double with Chan's formula into the group variance: one streaming pass, no
 //         E[x^2] - E[x]^2 cancellation.
@@ -36,9 +36,12 @@ namespace {
 
 enum Act : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
 
+// Everything called inside a vectorized loop must be inlined, or gcc gives up on the loop.
+#define GN_INLINE inline __attribute__((always_inline))
+
 // exp for floats, written so that gcc vectorizes loops calling it (cephes polynomial,
 // Cody-Waite range reduction; max rel. error ~2 ulp in [-87, 88], clamped outside).
-inline float fast_exp(float x) {
+GN_INLINE float fast_exp(float x) {
   x = std::min(std::max(x, -87.0f), 88.0f);
   const float n = std::floor(x * 1.44269504088896341f + 0.5f);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
@@ -54,11 +57,11 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+GN_INLINE double fast_exp(double x) { return std::exp(x); }
 
 // erf via Abramowitz & Stegun 7.1.26 (abs. error <= 1.5e-7, the same formula as ATen's
 // vectorized erf); fp64 inputs use std::erf.
-inline float fast_erf(float x) {
+GN_INLINE float fast_erf(float x) {
   const float ax = std::fabs(x);
   const float t = 1.0f / (1.0f + 0.3275911f * ax);
   float p = 1.061405429f;
@@ -69,10 +72,10 @@ inline float fast_erf(float x) {
   const float y = 1.0f - p * t * fast_exp(-ax * ax);
   return std::copysign(y, x);
 }
-inline double fast_erf(double x) { return std::erf(x); }
+GN_INLINE double fast_erf(double x) { return std::erf(x); }
 
 template <int A, typename T>
-inline T act_fwd(T z) {
+GN_INLINE T act_fwd(T z) {
   if constexpr (A == kRelu) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == kSilu) {
@@ -86,7 +89,7 @@ inline T act_fwd(T z) {
 
 // d act / dz
 template <int A, typename T>
-inline T act_grad(T z) {
+GN_INLINE T act_grad(T z) {
   if constexpr (A == kRelu) {
     return z > T(0) ? T(1) : T(0);
   } else if constexpr (A == kSilu) {
@@ -100,37 +103,57 @@ inline T act_grad(T z) {
   }
 }
 
-constexpr int64_t kBlock = 2048;  // elements per fp32 partial sum before it is added in double
-
-// sum(p[i]) in double over fp32 blocks.
-template <typename scalar_t, typename acc_t>
-double block_sum(const scalar_t* p, int64_t n) {
-  double total = 0;
-  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
-    const int64_t e = std::min(n, i0 + kBlock);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = i0; i < e; ++i) s += static_cast<acc_t>(p[i]);
-    total += s;
-  }
-  return total;
+// Loads and stores with the conversion written so that gcc vectorizes it (c10's BFloat16 /
+// Half conversions contain branches that stop the vectorizer). bf16 -> fp32 is a shift; fp32 ->
+// bf16 rounds to nearest even (NaN stays NaN); fp16 goes through _Float16 (vcvtph2ps / vcvtps2ph).
+template <typename T>
+GN_INLINE at::opmath_type<T> ld(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+template <>
+GN_INLINE float ld(c10::BFloat16 v) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(v.x) << 16);
+}
+template <>
+GN_INLINE float ld(c10::Half v) {
+  return static_cast<float>(__builtin_bit_cast(_Float16, v.x));
+}
+template <typename T>
+GN_INLINE T st(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+template <>
+GN_INLINE c10::BFloat16 st<c10::BFloat16>(float v) {
+  const uint32_t u = __builtin_bit_cast(uint32_t, v);
+  const uint32_t r = v != v ? 0x7FC0u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return c10::BFloat16(static_cast<uint16_t>(r), c10::BFloat16::from_bits());
+}
+template <>
+GN_INLINE c10::Half st<c10::Half>(float v) {
+  return c10::Half(__builtin_bit_cast(uint16_t, static_cast<_Float16>(v)), c10::Half::from_bits());
 }
 
-// sum((p[i] - m)^2) in double over fp32 blocks.
+constexpr int64_t kBlock = 2048;  // elements per fp32 partial sum before it is added in double
+
+// Shifted sums over fp32 blocks added in double: S1 = sum(p[i] - k), S2 = sum((p[i] - k)^2).
+// With k a value of the same data (the group's first element), S2 - S1^2 / n has no
+// catastrophic cancellation (the "shifted data" variance), and it costs one pass.
 template <typename scalar_t, typename acc_t>
-double block_sumsq(const scalar_t* p, int64_t n, acc_t m) {
-  double total = 0;
+void shifted_sums(const scalar_t* p, int64_t n, acc_t k, double& S1, double& S2) {
+  S1 = 0;
+  S2 = 0;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t e = std::min(n, i0 + kBlock);
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
+    acc_t s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
     for (int64_t i = i0; i < e; ++i) {
-      const acc_t d = static_cast<acc_t>(p[i]) - m;
-      s += d * d;
+      const acc_t d = ld(p[i]) - k;
+      s1 += d;
+      s2 += d * d;
     }
-    total += s;
+    S1 += s1;
+    S2 += s2;
   }
-  return total;
 }
 
 // y[i] = act(x[i] * a + b (+ r[i])) with scalar a, b (NCHW: one channel row).
@@ -139,9 +162,9 @@ inline void apply_row_scalar(const scalar_t* __restrict x, const scalar_t* __res
                              scalar_t* __restrict y, int64_t n, acc_t a, acc_t b) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    acc_t z = static_cast<acc_t>(x[i]) * a + b;
-    if constexpr (R) z += static_cast<acc_t>(r[i]);
-    y[i] = static_cast<scalar_t>(act_fwd<A>(z));
+    acc_t z = ld(x[i]) * a + b;
+    if constexpr (R) z += ld(r[i]);
+    y[i] = st<scalar_t>(act_fwd<A>(z));
   }
 }
 
@@ -152,9 +175,9 @@ inline void apply_row_vec(const scalar_t* __restrict x, const scalar_t* __restri
                           const acc_t* __restrict b) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    acc_t z = static_cast<acc_t>(x[c]) * a[c] + b[c];
-    if constexpr (R) z += static_cast<acc_t>(r[c]);
-    y[c] = static_cast<scalar_t>(act_fwd<A>(z));
+    acc_t z = ld(x[c]) * a[c] + b[c];
+    if constexpr (R) z += ld(r[c]);
+    y[c] = st<scalar_t>(act_fwd<A>(z));
   }
 }
 
@@ -171,8 +194,11 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t g = ng % G;
       const scalar_t* xg = x + ng * M;
-      const acc_t m = static_cast<acc_t>(block_sum<scalar_t, acc_t>(xg, M) / M);
-      const double var = block_sumsq<scalar_t, acc_t>(xg, M, m) / M;
+      const acc_t k = ld(xg[0]);
+      double S1, S2;
+      shifted_sums(xg, M, k, S1, S2);
+      const double var = std::max(0.0, S2 - S1 * S1 / M) / M;
+      const acc_t m = static_cast<acc_t>(static_cast<double>(k) + S1 / M);
       const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
       mean[ng] = m;
       rstd[ng] = rs;
@@ -216,7 +242,7 @@ void nhwc_stats_chunk(const scalar_t* xn, int64_t S, int64_t C, int64_t k, int64
     const scalar_t* __restrict xr = xn + s * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = static_cast<acc_t>(xr[c]) - static_cast<acc_t>(xn[c]);
+      const acc_t d = ld(xr[c]) - ld(xn[c]);
       s1[c] += d;
       s2[c] += d * d;
     }
@@ -241,7 +267,7 @@ void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part
         S1 += part1[k * C + c];
         S2 += part2[k * C + c];
       }
-      mc[cc] = static_cast<double>(static_cast<acc_t>(xn[c])) + S1 / S;
+      mc[cc] = static_cast<double>(ld(xn[c])) + S1 / S;
       m2c[cc] = std::max(0.0, S2 - S1 * S1 / S);
       gm += mc[cc];
     }
@@ -358,11 +384,11 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
           acc_t s_ds = 0, s_db = 0;
 #pragma omp simd reduction(+ : s_ds, s_db)
           for (int64_t i = i0; i < e; ++i) {
-            const acc_t xv = static_cast<acc_t>(xr[i]);
-            acc_t dz = static_cast<acc_t>(dyr[i]);
+            const acc_t xv = ld(xr[i]);
+            acc_t dz = ld(dyr[i]);
             if constexpr (A != kNone) {
               acc_t z = xv * a + bb;
-              if constexpr (R) z += static_cast<acc_t>(rr[i]);
+              if constexpr (R) z += ld(rr[i]);
               dz *= act_grad<A>(z);
             }
             s_ds += dz * (xv - m);
@@ -394,24 +420,24 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
         if (dzr != nullptr) {
 #pragma omp simd
           for (int64_t i = 0; i < S; ++i) {
-            const acc_t xv = static_cast<acc_t>(xr[i]);
+            const acc_t xv = ld(xr[i]);
             acc_t z = xv * a + bb;
-            if constexpr (R) z += static_cast<acc_t>(rr[i]);
-            const acc_t dz = static_cast<acc_t>(dyr[i]) * act_grad<A>(z);
-            dzr[i] = static_cast<scalar_t>(dz);
-            dxr[i] = static_cast<scalar_t>(a * dz + B * (xv - m) + D);
+            if constexpr (R) z += ld(rr[i]);
+            const acc_t dz = ld(dyr[i]) * act_grad<A>(z);
+            dzr[i] = st<scalar_t>(dz);
+            dxr[i] = st<scalar_t>(a * dz + B * (xv - m) + D);
           }
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < S; ++i) {
-            const acc_t xv = static_cast<acc_t>(xr[i]);
-            acc_t dz = static_cast<acc_t>(dyr[i]);
+            const acc_t xv = ld(xr[i]);
+            acc_t dz = ld(dyr[i]);
             if constexpr (A != kNone) {
               acc_t z = xv * a + bb;
-              if constexpr (R) z += static_cast<acc_t>(rr[i]);
+              if constexpr (R) z += ld(rr[i]);
               dz *= act_grad<A>(z);
             }
-            dxr[i] = static_cast<scalar_t>(a * dz + B * (xv - m) + D);
+            dxr[i] = st<scalar_t>(a * dz + B * (xv - m) + D);
           }
         }
       }
@@ -448,11 +474,11 @@ void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
     const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t xv = static_cast<acc_t>(xr[c]);
-      acc_t dz = static_cast<acc_t>(dyr[c]);
+      const acc_t xv = ld(xr[c]);
+      acc_t dz = ld(dyr[c]);
       if constexpr (A != kNone) {
         acc_t z = xv * a[c] + bz[c];
-        if constexpr (R) z += static_cast<acc_t>(rr[c]);
+        if constexpr (R) z += ld(rr[c]);
         dz *= act_grad<A>(z);
       }
       s1[c] += dz * (xv - mc[c]);
@@ -507,24 +533,24 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
       scalar_t* __restrict dzr = dzn + s * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t xv = static_cast<acc_t>(xr[c]);
+        const acc_t xv = ld(xr[c]);
         acc_t z = xv * a[c] + bz[c];
-        if constexpr (R) z += static_cast<acc_t>(rr[c]);
-        const acc_t dz = static_cast<acc_t>(dyr[c]) * act_grad<A>(z);
-        dzr[c] = static_cast<scalar_t>(dz);
-        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
+        if constexpr (R) z += ld(rr[c]);
+        const acc_t dz = ld(dyr[c]) * act_grad<A>(z);
+        dzr[c] = st<scalar_t>(dz);
+        dxr[c] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
     } else {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const acc_t xv = static_cast<acc_t>(xr[c]);
-        acc_t dz = static_cast<acc_t>(dyr[c]);
+        const acc_t xv = ld(xr[c]);
+        acc_t dz = ld(dyr[c]);
         if constexpr (A != kNone) {
           acc_t z = xv * a[c] + bz[c];
-          if constexpr (R) z += static_cast<acc_t>(rr[c]);
+          if constexpr (R) z += ld(rr[c]);
           dz *= act_grad<A>(z);
         }
-        dxr[c] = static_cast<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
+        dxr[c] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
     }
   }
