@@ -337,3 +337,17 @@ def test_paper_reference_data():
     assert paper_value("batch_renorm", {"norm": "brn", "batch_size": 4}) == 26.3
     assert paper_value("video", {"norm": "gn", "batch_size": 4}) == pytest.approx(27.2)
     assert json.dumps(paper_value("batch", {"norm": "bn", "batch_size": 64})) == "null"
+
+
+def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, small_db):
+    preset = tiny_preset({"norm": ["bn", "gn"], "batch_size": [2, 4], "seed": [0, 1]})
+    db = tmp_path / "par.db"
+    counts = run_sweep(preset, db, jobs=2, log=lambda m: None)
+    assert counts["done"] == 8
+
+    def rows(path):
+        with Store(path) as s:
+            return sorted((r["config_hash"], r["median_val_error"], r["final_val_error"])
+                          for r in s.runs())
+
+    assert rows(db) == rows(small_db)

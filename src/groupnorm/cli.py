@@ -122,7 +122,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     preset = load_preset(args.preset)
     db = Path(args.db) if args.db else Path("runs") / f"{preset.name}.db"
     counts = run_sweep(preset, db, overrides=_overrides(args, lists=True), studies=args.study,
-                       retry_failed=args.retry_failed, progress=not args.no_progress)
+                       retry_failed=args.retry_failed, progress=not args.no_progress,
+                       jobs=args.jobs)
     return 1 if counts.get("failed") and args.strict else 0
 
 
@@ -151,7 +152,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     print(f"groupnorm reproduce --preset {preset.name}: {preset.description}")
     counts = run_sweep(preset, db, overrides=overrides, studies=args.study,
-                       retry_failed=args.retry_failed, progress=not args.no_progress)
+                       retry_failed=args.retry_failed, progress=not args.no_progress,
+                       jobs=args.jobs)
     wall = time.perf_counter() - t0
     path = build_report(db, out, plots=True, csv_export=args.csv,
                         title=f"Group Normalization reproduction: preset `{preset.name}`")
@@ -276,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-failed", action="store_true", help="queue failed runs again")
     p.add_argument("--strict", action="store_true", help="exit 1 if any run failed")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1)")
     _add_config_args(p, lists=True)
 
     p = sub.add_parser(
@@ -315,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true", help="also export runs.csv and epochs.csv")
     p.add_argument("--strict", action="store_true", help="exit 1 if any run failed")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own process (default 1)")
     _add_config_args(p, lists=True)
 
     sub.add_parser(

@@ -61,13 +61,17 @@ def run_sweep(
     studies: list[str] | None = None,
     retry_failed: bool = False,
     progress: bool = True,
+    jobs: int = 1,
     log: Callable[[str], None] = print,
 ) -> dict[str, int]:
     """Run every queued run of a preset's grid into `db`; returns counts per status.
 
     Runs already done in the database are skipped, interrupted ones resume from their last
-    epoch checkpoint, failed ones are skipped unless retry_failed.
+    epoch checkpoint, failed ones are skipped unless retry_failed. `jobs` > 1 runs that many
+    worker processes (one run each at a time; give each run num_threads=1 on a small CPU).
     """
+    if jobs < 1:
+        raise ValueError(f"jobs={jobs} must be >= 1")
     overrides = overrides or {}
     pairs = preset.expand(overrides, studies)
     store = Store(db)
@@ -89,6 +93,14 @@ def run_sweep(
         counts = store.counts(list(todo))
         log(f"sweep {preset.name}: {len(todo)} runs in {store.path} ({_fmt_counts(counts)})")
         pending = [i for i in todo if store.run(i)["status"] in ("queued", "running")]
+        if jobs > 1 and len(pending) > 1:
+            items = [(i, todo[i][0].name, run_label(todo[i][1], varying_keys(todo[i][0],
+                                                                             overrides)),
+                      todo[i][1]) for i in pending]
+            _run_parallel(store.path, items, jobs, log)
+            counts = store.counts(list(todo))
+            log(f"sweep {preset.name}: {_fmt_counts(counts)}")
+            return counts
         bar = None
         if progress and sys.stdout.isatty():
             from tqdm.auto import tqdm
@@ -123,6 +135,43 @@ def run_sweep(
         return counts
     finally:
         store.close()
+
+
+def _run_parallel(db: Path, items: list[tuple[int, str, str, TrainConfig]], jobs: int,
+                  log: Callable[[str], None]) -> None:
+    """Run pending runs in `jobs` spawned processes; the store's claim gives out each run once."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    log(f"running {len(items)} runs in {jobs} processes")
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_worker, str(db), items, len(items)) for _ in range(jobs)]
+        for f in futures:
+            f.result()
+
+
+def _worker(db: str, items: list[tuple[int, str, str, TrainConfig]], total: int) -> int:
+    """One sweep worker process: claim and run whatever is still free, in order."""
+    store = Store(db)
+    ran = 0
+    try:
+        for k, (run_id, study, label, cfg) in enumerate(items, 1):
+            if not store.claim(run_id, cfg.device, torch.__version__):
+                continue
+            t0 = time.perf_counter()
+            status = execute_run(store, run_id, cfg, progress=False, log=None)
+            row = store.run(run_id)
+            if status == "done":
+                msg = f"done: median val error {row['median_val_error']:.2f}%"
+            else:
+                msg = "FAILED: " + (row["error"] or "").strip().splitlines()[-1]
+            print(f"[{k}/{total}] {study} {label}: {msg} [{time.perf_counter() - t0:.0f}s]",
+                  flush=True)
+            ran += 1
+    finally:
+        store.close()
+    return ran
 
 
 def execute_run(store: Store, run_id: int, cfg: TrainConfig, *, progress: bool = False,
