@@ -16,7 +16,9 @@
 //   dw_c = sum_{n,s} dz * xhat,  db_c = sum_{n,s} dz   (per-(n, c) partials, reduced in a fixed
 //   order: bit-identical across calls and thread counts). Sums use (x - mean), never x alone,
 //   so inputs with a large offset lose no digits to cancellation.
-// Work is split into fixed chunks (independent of the thread count) run by at::parallel_for.
+// Work is split into fixed tasks (independent of the thread count) that the threads take from a
+// shared counter (parallel_tasks): on a shared machine a descheduled thread does not hold up the
+// others, and results do not depend on which thread ran which task.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -27,6 +29,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -133,6 +136,19 @@ GN_INLINE c10::Half st<c10::Half>(float v) {
   return c10::Half(__builtin_bit_cast(uint16_t, static_cast<_Float16>(v)), c10::Half::from_bits());
 }
 
+// Runs body(next_task) once on each of up to ntasks threads; next_task() hands out the task
+// indices 0..ntasks-1 dynamically and returns -1 when none are left.
+template <typename F>
+void parallel_tasks(int64_t ntasks, const F& body) {
+  std::atomic<int64_t> counter{0};
+  const auto next_task = [&]() -> int64_t {
+    const int64_t t = counter.fetch_add(1, std::memory_order_relaxed);
+    return t < ntasks ? t : -1;
+  };
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntasks));
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { body(next_task); });
+}
+
 constexpr int64_t kBlock = 2048;  // elements per fp32 partial sum before it is added in double
 
 // Shifted sums over fp32 blocks added in double: S1 = sum(p[i] - k), S2 = sum((p[i] - k)^2).
@@ -190,8 +206,8 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Cg = C / G;
   const int64_t M = Cg * S;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
+  parallel_tasks(N * G, [&](const auto& next_task) {
+    for (int64_t ng = next_task(); ng >= 0; ng = next_task()) {
       const int64_t g = ng % G;
       const scalar_t* xg = x + ng * M;
       const acc_t k = ld(xg[0]);
@@ -308,9 +324,9 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   if (per_sample_tasks(N)) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(N, [&](const auto& next_task) {
       std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bc(C);
-      for (int64_t n = begin; n < end; ++n) {
+      for (int64_t n = next_task(); n >= 0; n = next_task()) {
         const scalar_t* xn = x + n * SC;
         for (int64_t k = 0; k < nchunks; ++k) {
           nhwc_stats_chunk(xn, S, C, k, rows, p1.data() + k * C, p2.data() + k * C);
@@ -330,8 +346,8 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   std::vector<acc_t> a(nb * C), bc(nb * C);                       // (nb, C)
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t nn = std::min(nb, N - n0);
-    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
         const int64_t i = t / nchunks, k = t % nchunks;
         nhwc_stats_chunk(x + (n0 + i) * SC, S, C, k, rows, p1.data() + t * C,
                          p2.data() + t * C);
@@ -343,8 +359,8 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
                         nchunks, S, C, G, eps, w, b, mean + n * G, rstd + n * G,
                         a.data() + i * C, bc.data() + i * C);
     }
-    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
         const int64_t i = t / nchunks, k = t % nchunks, n = n0 + i;
         nhwc_apply_chunk<A, R>(x + n * SC, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
                                a.data() + i * C, bc.data() + i * C);
@@ -365,8 +381,8 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t Cg = C / G;
   const int64_t M = Cg * S;
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ng = begin; ng < end; ++ng) {
+  parallel_tasks(N * G, [&](const auto& next_task) {
+    for (int64_t ng = next_task(); ng >= 0; ng = next_task()) {
       const int64_t n = ng / G, g = ng % G;
       const acc_t m = mean[ng], rs = rstd[ng];
       double sum1 = 0, sum2 = 0;  // sum_c w_c * ds_c, sum_c w_c * db_c
@@ -567,9 +583,9 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   if (per_sample_tasks(N)) {
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    parallel_tasks(N, [&](const auto& next_task) {
       std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bz(C), mc(C), Bc(C), Dc(C);
-      for (int64_t n = begin; n < end; ++n) {
+      for (int64_t n = next_task(); n >= 0; n = next_task()) {
         const int64_t o = n * SC;
         const scalar_t* rn = R ? r + o : nullptr;
         nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, a.data(), bz.data(), mc.data());
@@ -597,8 +613,8 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
       nhwc_bwd_coef(w, b, mean + (n0 + i) * G, rstd + (n0 + i) * G, C, G, a.data() + i * C,
                     bz.data() + i * C, mc.data() + i * C);
     }
-    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
         const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
         nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows,
                                    a.data() + i * C, bz.data() + i * C, mc.data() + i * C,
@@ -611,8 +627,8 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
                       w, mean + n * G, rstd + n * G, ds + n * C, db + n * C, Bc.data() + i * C,
                       Dc.data() + i * C);
     }
-    at::parallel_for(0, nn * nchunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
         const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
         nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, dx + o,
                                    dz_out ? dz_out + o : nullptr, S, C, k, rows,
