@@ -52,14 +52,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# backend="auto" on the CPU, from `groupnorm bench` on 2 threads (see BENCHMARKS.md): the C++
-# path is used where it measured faster than torch; key = (channels_last, fused act/residual).
-CPU_AUTO_TABLE: dict[tuple[bool, bool], str] = {
-    (False, False): "cpu",  # NCHW plain
-    (False, True): "cpu",  # NCHW + act/residual: one pass instead of two or three ops
-    (True, False): "cpu",  # NHWC plain: torch's channels-last backward is slow
-    (True, True): "cpu",  # NHWC fused
+# backend="auto" on the CPU, from `groupnorm bench` on a shared 2-core AMD EPYC (BENCHMARKS.md):
+# the C++ path is chosen only where no run measured it slower than torch. Key: (channels_last,
+# fused act/residual, training = grad enabled and x requires grad). Forward-only plain GN is
+# about as fast in torch (0.7-1.3x across runs), so inference stays on torch.
+CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], str] = {
+    (False, False, False): "torch",  # NCHW inference: fwd 0.99-1.26x, a wash
+    (False, False, True): "cpu",  # NCHW training: fwd+bwd 1.03-1.6x
+    (False, True, False): "cpu",  # NCHW GN+SiLU inference: one pass instead of two, 1.0-2.1x
+    (False, True, True): "cpu",  # NCHW GN+SiLU training: 1.05-2.45x
+    (True, False, False): "torch",  # NHWC inference: 0.69x on 1 thread, 1.4-2.2x on 2
+    (True, False, True): "cpu",  # NHWC training: 1.05-2.9x (torch's NHWC backward is slow)
+    (True, True, False): "torch",  # NHWC GN+SiLU inference: 0.68x once on 1 thread
+    (True, True, True): "cpu",  # NHWC GN+SiLU training: 1.5-2.6x
 }
+# dtypes measured on the C++ path (fp16 shares bf16's code but has not been benchmarked).
+CPU_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def auto_backend(x: Tensor, num_groups: int, activation: str | None,
@@ -70,9 +78,11 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
     if x.is_cuda:
         ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
         return "triton" if ok else "torch"
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    if x.device.type != "cpu" or x.dtype not in CPU_AUTO_DTYPES:
         return "torch"
-    choice = CPU_AUTO_TABLE[(is_channels_last(x), activation is not None or residual is not None)]
+    training = torch.is_grad_enabled() and x.requires_grad
+    key = (is_channels_last(x), activation is not None or residual is not None, training)
+    choice = CPU_AUTO_TABLE[key]
     if choice == "cpu" and not _cpu_ext_ready():
         return "torch"
     return choice
