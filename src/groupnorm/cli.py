@@ -155,8 +155,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
                        retry_failed=args.retry_failed, progress=not args.no_progress,
                        jobs=args.jobs)
     wall = time.perf_counter() - t0
-    path = build_report(db, out, plots=True, csv_export=args.csv,
-                        title=f"Group Normalization reproduction: preset `{preset.name}`")
+    path = build_report(db, out, plots=True, csv_export=args.csv)
     text = path.read_text()
     print()
     for line in text.splitlines():
