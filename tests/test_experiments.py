@@ -351,3 +351,16 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, small_db):
                           for r in s.runs())
 
     assert rows(db) == rows(small_db)
+
+
+def test_committed_quick_report_matches_its_database(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "results" / "quick"
+    if not (root / "runs.db").exists():
+        pytest.skip("results/quick/runs.db is not in this checkout")
+    db = tmp_path / "runs.db"
+    shutil.copy(root / "runs.db", db)  # a copy: opening the store must not touch the repo
+    md = build_report(db, tmp_path / "rep").read_text(encoding="utf-8")
+    assert md == (root / "report.md").read_text(encoding="utf-8")
