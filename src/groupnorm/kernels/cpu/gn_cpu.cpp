@@ -82,7 +82,9 @@ GN_INLINE T act_fwd(T z) {
   if constexpr (A == kRelu) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == kSilu) {
-    return z / (T(1) + fast_exp(-z));
+    // z * (1 / (1 + e)), not z / (1 + e): where exp's input is clamped gcc would otherwise
+    // emit a second full-width division for those lanes (2x slower on Zen 4).
+    return z * (T(1) / (T(1) + fast_exp(-z)));
   } else if constexpr (A == kGelu) {
     return T(0.5) * z * (T(1) + fast_erf(z * T(0.70710678118654752440)));
   } else {
@@ -382,6 +384,9 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   const int64_t Cg = C / G;
   const int64_t M = Cg * S;
   parallel_tasks(N * G, [&](const auto& next_task) {
+    // With an activation, dz = dy * act'(z) of one group is kept (in L2) between the two passes
+    // instead of being recomputed: act' costs an exp per element.
+    std::vector<acc_t> dzbuf(A != kNone ? M : 0);
     for (int64_t ng = next_task(); ng >= 0; ng = next_task()) {
       const int64_t n = ng / G, g = ng % G;
       const acc_t m = mean[ng], rs = rstd[ng];
@@ -394,6 +399,7 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
         const scalar_t* rr = R ? r + off : nullptr;
         const acc_t a = rs * w[c];
         const acc_t bb = b[c] - m * a;
+        acc_t* __restrict dzb = A != kNone ? dzbuf.data() + cc * S : nullptr;
         double dsc = 0, dbc = 0;
         for (int64_t i0 = 0; i0 < S; i0 += kBlock) {
           const int64_t e = std::min(S, i0 + kBlock);
@@ -406,6 +412,7 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               acc_t z = xv * a + bb;
               if constexpr (R) z += ld(rr[i]);
               dz *= act_grad<A>(z);
+              dzb[i] = dz;
             }
             s_ds += dz * (xv - m);
             s_db += dz;
@@ -432,28 +439,21 @@ void bwd_nchw(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
         scalar_t* dxr = dx + off;
         scalar_t* dzr = dz_out ? dz_out + off : nullptr;
         const acc_t a = rs * w[c];
-        const acc_t bb = b[c] - m * a;
-        if (dzr != nullptr) {
+        if constexpr (A != kNone) {
+          const acc_t* __restrict dzb = dzbuf.data() + cc * S;
+          if (dzr != nullptr) {
+#pragma omp simd
+            for (int64_t i = 0; i < S; ++i) dzr[i] = st<scalar_t>(dzb[i]);
+          }
 #pragma omp simd
           for (int64_t i = 0; i < S; ++i) {
-            const acc_t xv = ld(xr[i]);
-            acc_t z = xv * a + bb;
-            if constexpr (R) z += ld(rr[i]);
-            const acc_t dz = ld(dyr[i]) * act_grad<A>(z);
-            dzr[i] = st<scalar_t>(dz);
-            dxr[i] = st<scalar_t>(a * dz + B * (xv - m) + D);
+            dxr[i] = st<scalar_t>(a * dzb[i] + B * (ld(xr[i]) - m) + D);
           }
         } else {
 #pragma omp simd
           for (int64_t i = 0; i < S; ++i) {
             const acc_t xv = ld(xr[i]);
-            acc_t dz = ld(dyr[i]);
-            if constexpr (A != kNone) {
-              acc_t z = xv * a + bb;
-              if constexpr (R) z += ld(rr[i]);
-              dz *= act_grad<A>(z);
-            }
-            dxr[i] = st<scalar_t>(a * dz + B * (xv - m) + D);
+            dxr[i] = st<scalar_t>(a * ld(dyr[i]) + B * (xv - m) + D);
           }
         }
       }
