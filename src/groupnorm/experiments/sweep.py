@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .config import Preset, Study, TrainConfig
-from .store import Store
+from .store import Store, owner_alive, owner_id
 from .train import train
 
 
@@ -207,7 +207,9 @@ def _clean_checkpoints(store: Store) -> None:
         if path.stem in done:
             path.unlink(missing_ok=True)
     for path in store.checkpoint_dir.glob(".*.tmp"):  # a write cut by a kill
-        path.unlink(missing_ok=True)
+        pid = path.name.rsplit(".", 2)[-2]
+        if not owner_alive(f"{owner_id().rpartition(':')[0]}:{pid}"):
+            path.unlink(missing_ok=True)
 
 
 def _fmt_counts(counts: dict[str, int]) -> str:
