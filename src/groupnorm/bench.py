@@ -77,6 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=0.4,
                    help="seconds of timing per contender and case (default: 0.4)")
     p.add_argument("--reps", type=int, default=None, help="fixed repetitions (overrides min-time)")
+    p.add_argument("--clean-rounds", action="store_true",
+                   help="on a shared machine: keep only the round-robin rounds in which the copy "
+                        "ran within 1.25x of its fastest time (falls back to all rounds if fewer "
+                        "than 3 remain)")
     return p
 
 
@@ -114,6 +118,16 @@ def measure(fns: dict[str, Callable[[], object]], device: torch.device, min_time
         for name, fn in fns.items():
             samples[name].append(_time_once(fn, device))
     return samples
+
+
+def clean_rounds(samples: dict[str, list[float]], ref: str = "copy",
+                 slack: float = 1.25) -> dict[str, list[float]]:
+    """Samples of the rounds in which ``ref`` ran within ``slack`` of its fastest time."""
+    best = min(samples[ref])
+    keep = [i for i, t in enumerate(samples[ref]) if t <= slack * best]
+    if len(keep) < 3:
+        return samples
+    return {k: [v[i] for i in keep] for k, v in samples.items()}
 
 
 def _quantiles(ts: list[float]) -> tuple[float, float, float]:
@@ -190,7 +204,7 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
         variants: list[str], passes: list[str], device: torch.device, min_time: float,
-        reps: int | None = None) -> list[dict[str, object]]:
+        reps: int | None = None, clean: bool = False) -> list[dict[str, object]]:
     """All measurements as tidy rows (see FIELDS)."""
     ours = "triton" if device.type == "cuda" else "cpu"
     env = _env(device)
@@ -221,6 +235,8 @@ def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
                                "torch": _pass_fn(t_op, pass_, x, w, b, dy),
                                ours: _pass_fn(o_op, pass_, x, w, b, dy)}
                         samples = measure(fns, device, min_time, reps)
+                        if clean:
+                            samples = clean_rounds(samples)
                         q = {k: _quantiles(v) for k, v in samples.items()}
                         copy_gbps = 2 * nbytes / q["copy"][1] / 1e9
                         moved = TENSORS_MOVED[pass_] * nbytes
@@ -295,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
           f"p50 of round-robin repeats; 'of copy' = GB/s ÷ x.clone() GB/s in the same loop")
     print(_HEADER, flush=True)
     rows = run(shapes, dtypes, args.layouts.split(","), args.variants.split(","),
-               args.passes.split(","), device, args.min_time, args.reps)
+               args.passes.split(","), device, args.min_time, args.reps, args.clean_rounds)
     if args.csv is not None:
         write_csv(rows, args.csv)
         print(f"# wrote {len(rows)} rows to {args.csv}")
