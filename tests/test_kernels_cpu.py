@@ -134,3 +134,19 @@ def test_fallback_to_torch_when_extension_missing(monkeypatch):
     y = group_norm_fast("cpu", x, 4, None, None, 1e-5, "gelu", None)
     torch.testing.assert_close(y, torch.nn.functional.gelu(torch.nn.functional.group_norm(x, 4)))
     assert auto_backend(x.requires_grad_(), 4, "silu", None) == "torch"
+
+
+def test_bench_smoke(tmp_path, capsys):
+    import csv
+
+    from groupnorm import bench
+
+    out = tmp_path / "bench.csv"
+    assert bench.main(["--shapes", "2x32x8x8", "--reps", "3", "--variants", "gn,gn+silu",
+                       "--passes", "fwd,fwd+bwd", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    # 2 layouts x 2 variants x 2 passes x (copy, torch, cpu)
+    assert len(rows) == 24
+    assert set(rows[0]) == set(bench.FIELDS)
+    assert {r["backend"] for r in rows} == {"copy", "torch", "cpu"}
+    assert "ours/torch" in capsys.readouterr().out
