@@ -121,9 +121,14 @@ def test_errors_and_auto():
         group_norm_fast("cpu", torch.ones(2, 4, 3), 2, None, None, 1e-5, "tanh", None)
     x = torch.randn(2, 8, 4, 4)
     assert auto_backend(x, 4, None, None) == "torch"  # inference, plain: torch (see table)
-    assert auto_backend(x.requires_grad_(), 4, None, None) == "cpu"
-    assert auto_backend(x, 4, "silu", None) == "cpu"
     assert auto_backend(x.double(), 4, None, None) == "torch"
+    big = torch.randn(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert auto_backend(big, 32, None, None) == "torch"  # NHWC inference
+    assert auto_backend(big.requires_grad_(), 32, None, None) == "cpu"  # NHWC training
+    assert auto_backend(big[:1, :, :8, :8], 32, None, None) == "torch"  # too small
+    nchw = torch.randn(8, 64, 64, 64)  # 2M elements: the NCHW fused threshold
+    assert auto_backend(nchw, 32, "silu", None) == "cpu"
+    assert auto_backend(nchw, 32, None, None) == "torch"
 
 
 def test_fallback_to_torch_when_extension_missing(monkeypatch):
@@ -133,7 +138,7 @@ def test_fallback_to_torch_when_extension_missing(monkeypatch):
     x = torch.randn(2, 8, 5, 5)
     y = group_norm_fast("cpu", x, 4, None, None, 1e-5, "gelu", None)
     torch.testing.assert_close(y, torch.nn.functional.gelu(torch.nn.functional.group_norm(x, 4)))
-    assert auto_backend(x.requires_grad_(), 4, "silu", None) == "torch"
+    assert auto_backend(torch.randn(8, 64, 64, 64), 32, "silu", None) == "torch"
 
 
 def test_bench_smoke(tmp_path, capsys):

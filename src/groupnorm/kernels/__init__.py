@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from groupnorm.kernels.ops import ACT_CODES, dense_layout, is_channels_last
+from groupnorm.kernels.ops import ACT_CODES, dense_layout, is_channels_last, run_backend
 
 __all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available"]
 
@@ -52,19 +52,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# backend="auto" on the CPU, from `groupnorm bench` on a shared 2-core AMD EPYC (BENCHMARKS.md).
-# Rule: the C++ path only where the median same-run ratio over the runs is >= 1.2x torch and no
-# measurement taken while the machine was idle (clone at full speed) or on 1 thread was slower.
-# Key: (channels_last, fused act/residual, training = grad enabled and x requires grad).
-CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], str] = {
-    (False, False, False): "torch",  # NCHW inference: median 1.24x, 0.99x on 1 thread
-    (False, False, True): "cpu",  # NCHW training: fwd+bwd median 1.43x
-    (False, True, False): "cpu",  # NCHW GN+SiLU inference: median 1.50x, 1.13x idle
-    (False, True, True): "cpu",  # NCHW GN+SiLU training: median 2.03x, bwd 1.25x idle
-    (True, False, False): "torch",  # NHWC inference: median 1.54x but 0.69x on 1 thread
-    (True, False, True): "cpu",  # NHWC training: median 1.50x, 1.66x on 1 thread
-    (True, True, False): "torch",  # NHWC GN+SiLU inference: 0.97x idle
-    (True, True, True): "torch",  # NHWC GN+SiLU training: median 1.89x but 0.92x idle
+# backend="auto" on the CPU, from `groupnorm bench` and a small-shape sweep on a shared 2-core
+# AMD EPYC (BENCHMARKS.md). Rule: the C++ path only where it was >= 1.2x torch in the median of
+# the same-run ratios and never measured slower at an idle moment, on 1 thread, or at any size
+# above the threshold. Key: (channels_last, fused act/residual, training = grad enabled and x
+# requires grad); value: the smallest x.numel() routed to the C++ path, or None (always torch).
+# Below ~256K elements the per-call overhead (~40 us fwd+bwd) outweighs the kernels' gain.
+CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], int | None] = {
+    (False, False, False): None,  # NCHW inference: median 1.24x, 0.99x on 1 thread
+    (False, False, True): None,  # NCHW training: 0.56-0.74x up to 3.2M elements
+    (False, True, False): 1 << 21,  # NCHW GN+SiLU inference: 1.13x idle (25 MB)
+    (False, True, True): 1 << 21,  # NCHW GN+SiLU training: 1.32-2.59x from 2M, 0.88-0.96x below
+    (True, False, False): None,  # NHWC inference: 0.69x on 1 thread
+    (True, False, True): 1 << 18,  # NHWC training: 1.04x at 32K, 2.7-4.0x from 256K
+    (True, True, False): None,  # NHWC GN+SiLU inference: 0.97x idle
+    (True, True, True): None,  # NHWC GN+SiLU training: 1.4-2.8x, but 0.92x once at idle
 }
 # dtypes measured on the C++ path (fp16 shares bf16's code but has not been benchmarked).
 CPU_AUTO_DTYPES = (torch.float32, torch.bfloat16)
@@ -82,10 +84,10 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
         return "torch"
     training = torch.is_grad_enabled() and x.requires_grad
     key = (is_channels_last(x), activation is not None or residual is not None, training)
-    choice = CPU_AUTO_TABLE[key]
-    if choice == "cpu" and not _cpu_ext_ready():
+    min_numel = CPU_AUTO_TABLE[key]
+    if min_numel is None or x.numel() < min_numel or not _cpu_ext_ready():
         return "torch"
-    return choice
+    return "cpu"
 
 
 def _torch_path(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
@@ -123,7 +125,6 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
             raise BackendUnavailable(f"backend 'cpu' does not support dtype {x.dtype}")
         if not _cpu_ext_ready():  # warned once inside load_cpu_ext
             return _torch_path(x, num_groups, weight, bias, eps, activation, residual)
-        from groupnorm.kernels.ops import gn_cpu_fwd as op
     elif backend == "triton":
         if not triton_available():
             raise BackendUnavailable("backend 'triton' needs the triton package: "
@@ -133,7 +134,6 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
                                      "or TRITON_INTERPRET=1 set before triton is imported")
         if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise BackendUnavailable(f"backend 'triton' does not support dtype {x.dtype}")
-        from groupnorm.kernels.ops import gn_triton_fwd as op
     else:
         raise ValueError(f"unknown fast backend {backend!r}; expected 'triton' or 'cpu'")
 
@@ -150,8 +150,7 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
         if residual.stride() != x.stride():
             residual = residual.contiguous(
                 memory_format=_format_of(x))
-    y, _, _ = op(x, w, b, residual, num_groups, float(eps), ACT_CODES[activation])
-    return y
+    return run_backend(backend, x, w, b, residual, num_groups, float(eps), ACT_CODES[activation])
 
 
 def _format_of(x: Tensor) -> torch.memory_format:
