@@ -7,7 +7,8 @@ The core (:func:`groupnorm.group_norm`) dispatches through two functions defined
 
 Both backends are ``torch.library`` custom ops (``groupnorm::gn_{cpu,triton}_{fwd,bwd}``, see
 :mod:`groupnorm.kernels.ops`), so they are differentiable and ``torch.compile(fullgraph=True)``
-traces them without graph breaks. Statistics are always fp32 (fp64 for fp64 inputs).
+traces them without graph breaks; eager calls reach the same kernels through a cheaper
+``autograd.Function``. Statistics are always fp32 (fp64 for fp64 inputs).
 """
 
 from __future__ import annotations
