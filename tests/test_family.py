@@ -258,7 +258,7 @@ def test_convert_norms_leaves_no_bn_and_keeps_affine():
 def test_convert_norms_indivisible_error_and_gcd():
     model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.Sequential(nn.BatchNorm2d(24)))
     with pytest.raises(ValueError, match=r"cannot convert 1\.0 \(BatchNorm2d, 24 channels\) to "
-                                         r"GN with num_groups=32.*on_indivisible='gcd' \(8 groups"):
+                                         r"GN with num_groups=32.*'gcd' \(num_groups 8\)"):
         convert_norms(model, to="gn", num_groups=32)
     out = convert_norms(model, to="gn", num_groups=32, on_indivisible="gcd")
     assert out[1][0].num_groups == 8

@@ -17,10 +17,10 @@ import functools
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from groupnorm.kernels.ops import ACT_CODES, dense_layout, is_channels_last, run_backend
+from groupnorm.reference import memory_format_of
 
 __all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available"]
 
@@ -94,16 +94,9 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
 def _torch_path(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
                 eps: float, activation: str | None, residual: Tensor | None) -> Tensor:
     """Unfused torch ops: the fallback when the C++ extension cannot be built."""
-    y = F.group_norm(x, num_groups, weight, bias, eps)
-    if residual is not None:
-        y = y + residual
-    if activation == "relu":
-        y = F.relu(y)
-    elif activation == "silu":
-        y = F.silu(y)
-    elif activation == "gelu":
-        y = F.gelu(y)
-    return y
+    from groupnorm.functional import _torch_backend  # functional imports this module
+
+    return _torch_backend(x, num_groups, weight, bias, eps, activation, residual)
 
 
 def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | None,
@@ -149,12 +142,6 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
                              f"{tuple(x.shape)}; pass a residual of the same shape")
         residual = residual.to(dtype=x.dtype)
         if residual.stride() != x.stride():
-            residual = residual.contiguous(
-                memory_format=_format_of(x))
+            residual = residual.contiguous(memory_format=memory_format_of(x))
     return run_backend(backend, x, w, b, residual, num_groups, float(eps), ACT_CODES[activation])
 
-
-def _format_of(x: Tensor) -> torch.memory_format:
-    if not is_channels_last(x):
-        return torch.contiguous_format
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d

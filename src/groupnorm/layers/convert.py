@@ -36,26 +36,17 @@ def _convert_one(path: str, old: nn.Module, to: Any, num_groups: int | None,
     opts = dict(options)
     name = split_ws(to)[0] if isinstance(to, str) else None
     if name in ("gn", "groupnorm"):
-        if group_size is not None:
-            size = group_size
-            if c % size:
-                if on_indivisible != "gcd":
-                    raise ValueError(
-                        f"cannot convert {path} ({type(old).__name__}, {c} channels) to GN with "
-                        f"group_size={size}: {c} is not divisible by {size}; pass "
-                        f"on_indivisible='gcd' (group_size {math.gcd(size, c)}) or another size")
-                size = math.gcd(size, c)
-            opts["group_size"] = size
-        else:
-            g = 32 if num_groups is None else num_groups
-            if c % g:
-                if on_indivisible != "gcd":
-                    raise ValueError(
-                        f"cannot convert {path} ({type(old).__name__}, {c} channels) to GN with "
-                        f"num_groups={g}: {c} is not divisible by {g}; pass "
-                        f"on_indivisible='gcd' ({math.gcd(g, c)} groups) or group_size=")
-                g = math.gcd(g, c)
-            opts["num_groups"] = g
+        # Exactly one of the two is set (convert_norms clears num_groups when group_size is given).
+        key, value = ("group_size", group_size) if group_size is not None else (
+            "num_groups", 32 if num_groups is None else num_groups)
+        if c % value:
+            if on_indivisible != "gcd":
+                raise ValueError(
+                    f"cannot convert {path} ({type(old).__name__}, {c} channels) to GN with "
+                    f"{key}={value}: {c} is not divisible by {value}; pass "
+                    f"on_indivisible='gcd' ({key} {math.gcd(value, c)}) or another {key}")
+            value = math.gcd(value, c)
+        opts[key] = value
     new = get_norm_layer(to, strict=False, **opts)(c)
     ref = getattr(old, "weight", None)
     if ref is None:
