@@ -16,6 +16,8 @@ SHAPES = [
     ("C/G odd", (2, 15, 3, 3), 5),
     ("tiny spatial 1x1", (5, 8, 1, 1), 2),
     ("N=1", (1, 16, 6, 6), 4),
+    ("N=1 1x1 (one value per channel)", (1, 8, 1, 1), 2),
+    ("N=1 no spatial", (1, 12), 3),
 ]
 
 # (dtype, atol, rtol) vs the float64 reference on the same (rounded) input.

@@ -11,7 +11,6 @@ import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from . import kernels
 from .reference import ACTIVATIONS, apply_activation, group_norm_reference, memory_format_of
@@ -94,7 +93,9 @@ def _torch_backend(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
                    bias: torch.Tensor | None, eps: float, activation: str | None,
                    residual: torch.Tensor | None) -> torch.Tensor:
     fmt = memory_format_of(x)
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    # aten directly: F.group_norm's "more than 1 value per channel" check is BatchNorm's concern
+    # and wrongly refuses (1, C, 1, 1), where each group still has C/G values.
+    y = torch.group_norm(x, num_groups, weight, bias, eps)
     if residual is not None:
         y = y + residual
     y = apply_activation(y, activation)
