@@ -57,17 +57,20 @@ def _interpreting() -> bool:
 # AMD EPYC (BENCHMARKS.md). Rule: the C++ path only where it was >= 1.2x torch in the median of
 # the same-run ratios and never measured slower at an idle moment, on 1 thread, or at any size
 # above the threshold. Key: (channels_last, fused act/residual, training = grad enabled and x
-# requires grad); value: the smallest x.numel() routed to the C++ path, or None (always torch).
-# Below ~256K elements the per-call overhead (~40 us fwd+bwd) outweighs the kernels' gain.
-CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], int | None] = {
-    (False, False, False): None,  # NCHW inference: median 1.24x, 0.99x on 1 thread
+# requires grad); value: the range [min, max) of x.numel() routed to the C++ path, or None
+# (always torch). Below ~256K elements the per-call overhead (~40 us fwd+bwd) outweighs the
+# kernels' gain.
+CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
+    (False, False, False): None,  # NCHW inference: median 1.24x, 0.95-1.06x at quiet moments
     (False, False, True): None,  # NCHW training: 0.56-0.74x up to 3.2M elements
-    (False, True, False): 1 << 21,  # NCHW GN+SiLU inference: 1.13x idle (25 MB)
-    (False, True, True): 1 << 21,  # NCHW GN+SiLU training: 1.32-2.59x from 2M, 0.88-0.96x below
-    (True, False, False): None,  # NHWC inference: 0.69x on 1 thread
-    (True, False, True): 1 << 18,  # NHWC training: 1.04x at 32K, 2.7-4.0x from 256K
+    (False, True, False): (1 << 21, 1 << 62),  # NCHW GN+SiLU inference: 1.13-1.61x (25 MB)
+    (False, True, True): (1 << 21, 1 << 62),  # NCHW GN+SiLU training: 1.32-2.59x from 2M
+    (True, False, False): None,  # NHWC inference: 0.69x on 1 thread, 0.76x at 25 MB
+    # NHWC training: 1.04x at 32K, 1.5-4.0x from 256K to 3.2M, but 0.87-0.97x at 6.4M (25 MB,
+    # three quiet runs, BENCHMARKS.md), so not above 4M elements.
+    (True, False, True): (1 << 18, 1 << 22),
     (True, True, False): None,  # NHWC GN+SiLU inference: 0.97x idle
-    (True, True, True): None,  # NHWC GN+SiLU training: 1.4-2.8x, but 0.92x once at idle
+    (True, True, True): None,  # NHWC GN+SiLU training: 1.2-2.8x, but 0.92x once at idle
 }
 # dtypes measured on the C++ path (fp16 shares bf16's code but has not been benchmarked).
 CPU_AUTO_DTYPES = (torch.float32, torch.bfloat16)
@@ -85,8 +88,8 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
         return "torch"
     training = torch.is_grad_enabled() and x.requires_grad
     key = (is_channels_last(x), activation is not None or residual is not None, training)
-    min_numel = CPU_AUTO_TABLE[key]
-    if min_numel is None or x.numel() < min_numel or not _cpu_ext_ready():
+    span = CPU_AUTO_TABLE[key]
+    if span is None or not span[0] <= x.numel() < span[1] or not _cpu_ext_ready():
         return "torch"
     return "cpu"
 
