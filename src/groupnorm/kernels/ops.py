@@ -79,17 +79,7 @@ def _register(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> Callable:
         ctx.save_for_backward(x, weight, bias, keep_res, mean, rstd)
 
     def backward(ctx, dy: Tensor, _dmean: Tensor, _drstd: Tensor):
-        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_dz = ctx.has_residual and ctx.act != 0 and ctx.needs_input_grad[3]
-        dx, dw, db, dz = bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups,
-                             ctx.act, need_dz)
-        dres = None
-        if ctx.has_residual and ctx.needs_input_grad[3]:
-            dres = dz if ctx.act != 0 else dy
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw if ctx.needs_input_grad[1] else None,
-                db if ctx.needs_input_grad[2] else None,
-                dres, None, None, None)
+        return (*_input_grads(ctx, dy, bwd), None, None, None)
 
     fwd.register_autograd(backward, setup_context=setup_context)
     return fwd
@@ -118,6 +108,21 @@ def _triton_bwd(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need
                                       need_dz)
 
 
+def _input_grads(ctx, dy: Tensor, bwd) -> tuple[Tensor | None, ...]:
+    """(dx, dw, db, dresidual) from the saved context; shared by the custom op and eager paths."""
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    need_dz = ctx.has_residual and ctx.act != 0 and ctx.needs_input_grad[3]
+    dx, dw, db, dz = bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups, ctx.act,
+                         need_dz)
+    dres = None
+    if ctx.has_residual and ctx.needs_input_grad[3]:
+        dres = dz if ctx.act != 0 else dy
+    return (dx if ctx.needs_input_grad[0] else None,
+            dw if ctx.needs_input_grad[1] else None,
+            db if ctx.needs_input_grad[2] else None,
+            dres)
+
+
 gn_cpu_fwd = _register("cpu", _cpu_fwd, _cpu_bwd)
 gn_triton_fwd = _register("triton", _triton_fwd, _triton_bwd)
 
@@ -141,17 +146,7 @@ class _EagerGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-        need_dz = ctx.has_residual and ctx.act != 0 and ctx.needs_input_grad[3]
-        dx, dw, db, dz = ctx.bwd_impl(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups,
-                                      ctx.act, need_dz)
-        dres = None
-        if ctx.has_residual and ctx.needs_input_grad[3]:
-            dres = dz if ctx.act != 0 else dy
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw if ctx.needs_input_grad[1] else None,
-                db if ctx.needs_input_grad[2] else None,
-                dres, None, None, None, None, None)
+        return (*_input_grads(ctx, dy, ctx.bwd_impl), None, None, None, None, None)
 
 
 _IMPLS = {"cpu": (_cpu_fwd, _cpu_bwd), "triton": (_triton_fwd, _triton_bwd)}
