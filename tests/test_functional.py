@@ -119,12 +119,21 @@ def test_identities_layernorm_and_instancenorm():
 
 # --- robustness ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", CORE_BACKENDS)
-def test_large_mean_offset_fp32(backend):
-    """Offset 1e4, unit variance: E[x²]−E[x]² in fp32 would be wrong by ~100%; we need ≤ 2e-3."""
+@pytest.mark.parametrize("backend", CORE_BACKENDS + ["cpu"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["inference", "training"])
+def test_large_mean_offset_fp32(backend, fmt, requires_grad):
+    """Offset 1e4, unit variance: E[x²]−E[x]² in fp32 is wrong by ~300x; we need ≤ 2e-3.
+
+    aten's own CPU channels-last kernel fails this (relative error ~313 with torch 2.13); the
+    "torch" backend routes around it.
+    """
     x = torch.randn(4, 32, 16, 16, generator=torch.Generator().manual_seed(3)) + 1e4
-    y = group_norm(x, 8, backend=backend)
     ref = group_norm_reference(x.double(), 8)
+    x = x.contiguous(memory_format=fmt).requires_grad_(requires_grad)
+    y = group_norm(x, 8, backend=backend)
+    assert y.is_contiguous(memory_format=fmt)
     rel = ((y.double() - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 2e-3, rel
 

@@ -123,11 +123,11 @@ def test_errors_and_auto():
     assert auto_backend(x, 4, None, None) == "torch"  # inference, plain: torch (see table)
     assert auto_backend(x.double(), 4, None, None) == "torch"
     big = torch.randn(4, 64, 64, 64).contiguous(memory_format=torch.channels_last)
-    assert auto_backend(big, 32, None, None) == "torch"  # NHWC inference
+    assert auto_backend(big, 32, None, None) == "cpu"  # NHWC inference (torch's is not robust)
     assert auto_backend(big.requires_grad_(), 32, None, None) == "cpu"  # NHWC training
     assert auto_backend(big[:1, :, :8, :8], 32, None, None) == "torch"  # too small
     huge = torch.randn(8, 256, 56, 56).contiguous(memory_format=torch.channels_last)
-    assert auto_backend(huge.requires_grad_(), 32, None, None) == "torch"  # measured slower
+    assert auto_backend(huge.requires_grad_(), 32, None, None) == "cpu"
     nchw = torch.randn(8, 64, 64, 64)  # 2M elements: the NCHW fused threshold
     assert auto_backend(nchw, 32, "silu", None) == "cpu"
     assert auto_backend(nchw, 32, None, None) == "torch"

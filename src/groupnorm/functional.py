@@ -93,6 +93,12 @@ def _torch_backend(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
                    bias: torch.Tensor | None, eps: float, activation: str | None,
                    residual: torch.Tensor | None) -> torch.Tensor:
     fmt = memory_format_of(x)
+    if x.device.type == "cpu" and fmt is not torch.contiguous_format:
+        # aten's CPU channels-last kernel takes E[x²]−E[x]² in fp32: at a mean offset of 1e4 its
+        # relative error is ~300 (tests/test_functional.py). Its NCHW kernel is robust, so go
+        # through NCHW and come back; the copies are the price of a right answer.
+        x = x.contiguous()
+        residual = residual.contiguous() if residual is not None else None
     # aten directly: F.group_norm's "more than 1 value per channel" check is BatchNorm's concern
     # and wrongly refuses (1, C, 1, 1), where each group still has C/G values.
     y = torch.group_norm(x, num_groups, weight, bias, eps)
