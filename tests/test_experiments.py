@@ -353,13 +353,15 @@ def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, small_db):
     assert rows(db) == rows(small_db)
 
 
-def test_committed_quick_report_matches_its_database(tmp_path):
+@pytest.mark.parametrize("preset", ["quick", "full"])
+def test_committed_report_matches_its_database(tmp_path, preset):
+    """results/<preset>/report.md is exactly what `groupnorm report` makes of the committed db."""
     import shutil
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "results" / "quick"
-    if not (root / "runs.db").exists():
-        pytest.skip("results/quick/runs.db is not in this checkout")
+    root = Path(__file__).resolve().parents[1] / "results" / preset
+    if not (root / "report.md").exists():
+        pytest.skip(f"results/{preset}/report.md is not in this checkout (not published yet)")
     db = tmp_path / "runs.db"
     shutil.copy(root / "runs.db", db)  # a copy: opening the store must not touch the repo
     md = build_report(db, tmp_path / "rep").read_text(encoding="utf-8")
