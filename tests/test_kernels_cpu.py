@@ -8,7 +8,7 @@ import torch
 
 from groupnorm.kernels import BackendUnavailable, auto_backend, group_norm_fast
 from groupnorm.kernels.cpu_ext import load_cpu_ext
-from groupnorm.kernels.testing import make_input, parity_errors
+from groupnorm.kernels.testing import backward_is_deterministic, make_input, parity_errors
 
 pytestmark = pytest.mark.skipif(not load_cpu_ext(), reason="C++ CPU extension did not build")
 
@@ -75,16 +75,7 @@ def test_large_offset_is_robust(layout):
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_backward_is_deterministic(layout):
-    x = make_input((3, 64, 20, 20), layout, torch.float32).requires_grad_()
-    w = torch.rand(64, requires_grad=True)
-    b = torch.rand(64, requires_grad=True)
-    dy = torch.randn_like(x)
-    grads = []
-    for _ in range(2):
-        y = group_norm_fast("cpu", x, 16, w, b, 1e-5, "silu", None)
-        grads.append(torch.autograd.grad(y, [x, w, b], dy))
-    for g1, g2 in zip(*grads, strict=True):
-        assert torch.equal(g1, g2)
+    assert backward_is_deterministic("cpu", (3, 64, 20, 20), layout, 16, "silu")
 
 
 def test_thread_count_does_not_change_results():

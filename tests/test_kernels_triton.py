@@ -46,8 +46,7 @@ def test_unavailable_without_cuda_or_interpreter():
 
 
 if RUN_CASES:
-    from groupnorm.kernels import group_norm_fast
-    from groupnorm.kernels.testing import make_input, parity_errors
+    from groupnorm.kernels.testing import backward_is_deterministic, make_input, parity_errors
     from groupnorm.kernels.triton_kernels import _launch_config
 
     # Worst error / max(1, |ref|) per dtype: fp32 statistics and sums, output rounding for
@@ -101,13 +100,4 @@ if RUN_CASES:
         assert max(errs.values()) < 4e-4, errs  # fp32 mean of values near 1000: ulp 6e-5
 
     def test_dw_db_deterministic():
-        x = make_input((1, 8, 24, 24), "nchw", torch.float32, DEVICE).requires_grad_()
-        w = torch.rand(8, device=DEVICE, requires_grad=True)
-        b = torch.rand(8, device=DEVICE, requires_grad=True)
-        dy = torch.randn_like(x)
-        grads = []
-        for _ in range(2):
-            y = group_norm_fast("triton", x, 2, w, b, 1e-5, "gelu", None)
-            grads.append(torch.autograd.grad(y, [x, w, b], dy))
-        for g1, g2 in zip(*grads, strict=True):
-            assert torch.equal(g1, g2)
+        assert backward_is_deterministic("triton", (1, 8, 24, 24), "nchw", 2, "gelu", DEVICE)
