@@ -63,6 +63,16 @@ def _epoch_rows(db: Path) -> int:
         return 0
 
 
+def _done_runs(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            return c.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
 def _snapshot(db: Path) -> dict:
     with sqlite3.connect(db) as c:
         runs = c.execute("SELECT config_hash, status, median_val_error, final_val_error "
@@ -85,8 +95,10 @@ def test_sigkill_and_rerun_records_every_run_exactly_once(tmp_path):
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng.seed(seed)
-    kills = []
-    # kill twice, each time once some epochs are recorded plus a random delay
+    kills, interrupted = [], []
+    # kill twice, each time once some epochs are recorded plus a random delay; the second kill
+    # may land after the last run was recorded (the process is still shutting down), so what
+    # makes the test non-vacuous is that at least one kill left unfinished work behind
     for target in (rng.randint(1, 2), rng.randint(3, 5)):
         proc = subprocess.Popen(_sweep_cmd(preset, db), env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
@@ -96,11 +108,12 @@ def test_sigkill_and_rerun_records_every_run_exactly_once(tmp_path):
         time.sleep(rng.uniform(0.0, 0.3))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
             kills.append(_epoch_rows(db))
+            interrupted.append(_done_runs(db) < len(ref["runs"]))
         proc.wait(timeout=30)
-    assert kills, f"the sweep finished before any kill (seed {seed})"
-    with sqlite3.connect(db) as c:  # the kill left an unfinished run behind
-        assert c.execute("SELECT COUNT(*) FROM runs WHERE status != 'done'").fetchone()[0] > 0
+    assert any(interrupted), (f"no kill interrupted the sweep (seed {seed}, killed at epoch "
+                              f"rows {kills})")
     done = subprocess.run(_sweep_cmd(preset, db), env=_env(), capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
