@@ -3,6 +3,10 @@ fused variants, determinism, robustness, and the torch fallback."""
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -58,6 +62,43 @@ def test_fused(activation, residual, layout):
     for dtype in (torch.float32, torch.bfloat16):
         errs = parity_errors("cpu", (3, 32, 11, 13), 8, dtype, layout, activation, residual)
         _check(errs, dtype)
+
+
+# Large outputs are written with non-temporal stores (gn_cpu.cpp: write_row); the threshold is
+# read from GROUPNORM_CPU_STREAM_MIN_BYTES at every call, so 0 streams these small tensors too.
+# Shapes: rows that are not a multiple of 64 bytes (unaligned head and tail), NCHW rows longer
+# than the 4 KB staging buffer, NHWC rows at the 256-byte minimum and below it (not streamed).
+STREAM_CASES = [
+    ("nchw", (3, 12, 45, 37), 4, torch.float32),   # row = 1665 floats: 2 buffers, odd tail
+    ("nchw", (2, 8, 9, 11), 2, torch.bfloat16),    # row = 99 bf16 = 198 B
+    ("nhwc", (3, 72, 9, 11), 8, torch.float32),    # row = 288 B
+    ("nhwc", (2, 128, 5, 7), 16, torch.bfloat16),  # row = 256 B
+    ("nhwc", (2, 40, 6, 6), 8, torch.float32),     # row = 160 B: below the minimum
+]
+
+
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("layout,shape,groups,dtype", STREAM_CASES,
+                         ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}-{c[3]}" for c in STREAM_CASES])
+def test_streaming_stores_change_no_bit(monkeypatch, layout, shape, groups, dtype, activation,
+                                        residual):
+    from groupnorm.kernels.testing import run_op
+
+    torch.manual_seed(0)
+    x = make_input(shape, layout, dtype)
+    w = (torch.rand(shape[1]) + 0.5).to(dtype)
+    b = torch.randn(shape[1]).to(dtype)
+    r = make_input(shape, layout, dtype, offset=0.0, scale=1.0) if residual else None
+    dy = make_input(shape, layout, dtype, offset=0.0, scale=1.0)
+    outs = {}
+    for name, threshold in (("streamed", "0"), ("cached", str(1 << 62))):
+        monkeypatch.setenv("GROUPNORM_CPU_STREAM_MIN_BYTES", threshold)
+        outs[name] = run_op("cpu", x, groups, w, b, r, activation, dy)
+    for k, v in outs["cached"].items():
+        assert torch.equal(outs["streamed"][k], v), f"{k} differs when streamed"
+    monkeypatch.setenv("GROUPNORM_CPU_STREAM_MIN_BYTES", "0")
+    _check(parity_errors("cpu", shape, groups, dtype, layout, activation, residual), dtype)
 
 
 def test_no_affine():
@@ -140,11 +181,24 @@ def test_bench_smoke(tmp_path, capsys):
     from groupnorm import bench
 
     out = tmp_path / "bench.csv"
+    # --fresh-pages: leave this (pytest) process's allocator settings alone
     assert bench.main(["--shapes", "2x32x8x8", "--reps", "3", "--variants", "gn,gn+silu",
-                       "--passes", "fwd,fwd+bwd", "--csv", str(out)]) == 0
+                       "--passes", "fwd,fwd+bwd", "--csv", str(out), "--fresh-pages"]) == 0
     rows = list(csv.DictReader(out.open()))
-    # 2 layouts x 2 variants x 2 passes x (copy, torch, cpu)
-    assert len(rows) == 24
+    # 2 variants x 2 passes x (copy, torch, cpu) for NCHW and (..., torch-robust) for NHWC
+    assert len(rows) == 2 * 2 * 3 + 2 * 2 * 4
     assert set(rows[0]) == set(bench.FIELDS)
-    assert {r["backend"] for r in rows} == {"copy", "torch", "cpu"}
+    assert {r["backend"] for r in rows} == {"copy", "torch", "cpu", "torch-robust"}
+    assert {r["allocator"] for r in rows} == {"fresh-pages"}
+    for r in rows:  # the robust baseline exists exactly where aten's kernel is not robust
+        assert (r["vs_robust"] != "") == (r["layout"] == "nhwc"), r
+        assert float(r["p50_ms"]) > 0 and float(r["speedup"]) > 0
     assert "ours/torch" in capsys.readouterr().out
+
+
+def test_bench_allocator_setting_takes():
+    code = "from groupnorm.bench import reuse_freed_memory; print(reuse_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == ("True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+                   else "False")

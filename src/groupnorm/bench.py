@@ -8,6 +8,16 @@ p20 / p50 / p80 time, GB/s from the bytes that must move (fwd: read x, write y; 
 dy, write dx; fwd+bwd: both), GB/s ÷ the clone's GB/s (``frac_of_copy``), and torch p50 ÷ ours
 p50 (``speedup``). One tidy CSV row per measurement, plus a printed table.
 
+Channels-last on the CPU gets a fourth contender, ``torch-robust``: aten's CPU channels-last
+kernel computes E[x²]−E[x]² in fp32 (wrong by orders of magnitude at a large mean offset), so
+``group_norm(..., backend="torch")`` runs such input through aten's robust NCHW kernel; the
+``vs_robust`` column is that contender's p50 ÷ ours.
+
+On the CPU the allocator is first told to keep freed memory (glibc ``mallopt``): otherwise every
+tensor above the mmap threshold is a fresh mapping whose pages fault in on first write, which
+costs more than the kernel itself at these sizes (25 MB: ~5 ms of faults vs a 1.3 ms copy) and
+lands on whichever contender allocated last. ``--fresh-pages`` keeps glibc's defaults.
+
     groupnorm bench                       # CPU: 2 threads, quick subset, fp32 (a few minutes)
     groupnorm bench --device cuda         # all shapes, fp32 / bf16 / fp16
     groupnorm bench --shapes 8x256x56x56 --dtype fp32,bf16 --csv out/bench.csv
@@ -45,9 +55,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 # tensors of x's size that must move per pass (reads + writes)
 TENSORS_MOVED = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
-FIELDS = ["timestamp", "device", "device_name", "torch", "triton", "threads", "shape", "layout",
-          "dtype", "variant", "pass", "backend", "p20_ms", "p50_ms", "p80_ms", "gbps",
-          "frac_of_copy", "speedup", "bytes"]
+FIELDS = ["timestamp", "device", "device_name", "torch", "triton", "threads", "allocator",
+          "shape", "layout", "dtype", "variant", "pass", "backend", "p20_ms", "p50_ms", "p80_ms",
+          "gbps", "frac_of_copy", "speedup", "vs_robust", "bytes"]
+ROBUST = "torch-robust"
 
 
 def _parse_shape(text: str) -> tuple[int, ...]:
@@ -77,11 +88,34 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=0.4,
                    help="seconds of timing per contender and case (default: 0.4)")
     p.add_argument("--reps", type=int, default=None, help="fixed repetitions (overrides min-time)")
+    p.add_argument("--fresh-pages", action="store_true",
+                   help="CPU: keep glibc's allocator defaults (every large tensor is a new "
+                        "mapping whose pages fault in on first write) instead of reusing memory")
     p.add_argument("--clean-rounds", action="store_true",
                    help="on a shared machine: keep only the round-robin rounds in which the copy "
                         "ran within 1.25x of its fastest time (falls back to all rounds if fewer "
                         "than 3 remain)")
     return p
+
+
+def reuse_freed_memory() -> bool:
+    """Tell glibc malloc to keep and reuse freed memory; False where that is not possible.
+
+    Sets M_MMAP_THRESHOLD to 1 GiB (large tensors come from the heap, not from fresh mappings)
+    and M_TRIM_THRESHOLD to 2 GiB (freed heap memory is not handed back to the kernel), so
+    repeated allocations of the same size reuse pages that are already mapped.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+        return bool(libc.mallopt(m_mmap_threshold, 1 << 30)
+                    and libc.mallopt(m_trim_threshold, (1 << 31) - 1))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -142,6 +176,11 @@ def _make_op(backend: str, variant: str, groups: int) -> Callable:
         def op(x, w, b):
             y = F.group_norm(x, groups, w, b, 1e-5)
             return F.silu(y) if act else y
+    elif backend == ROBUST:
+        from groupnorm.functional import group_norm
+
+        def op(x, w, b):
+            return group_norm(x, groups, w, b, 1e-5, activation=act, backend="torch")
     else:
         from groupnorm.kernels import group_norm_fast
 
@@ -171,7 +210,7 @@ def _pass_fn(op: Callable, pass_: str, x: torch.Tensor, w: torch.Tensor, b: torc
     return fn
 
 
-def _env(device: torch.device) -> dict[str, str]:
+def _env(device: torch.device, allocator: str = "") -> dict[str, str]:
     try:
         import triton
 
@@ -192,7 +231,8 @@ def _env(device: torch.device) -> dict[str, str]:
     return {"timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "device": device.type, "device_name": name, "torch": torch.__version__,
             "triton": triton_version,
-            "threads": str(torch.get_num_threads()) if device.type == "cpu" else ""}
+            "threads": str(torch.get_num_threads()) if device.type == "cpu" else "",
+            "allocator": allocator}
 
 
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
@@ -204,10 +244,11 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
         variants: list[str], passes: list[str], device: torch.device, min_time: float,
-        reps: int | None = None, clean: bool = False) -> list[dict[str, object]]:
+        reps: int | None = None, clean: bool = False,
+        allocator: str = "") -> list[dict[str, object]]:
     """All measurements as tidy rows (see FIELDS)."""
     ours = "triton" if device.type == "cuda" else "cpu"
-    env = _env(device)
+    env = _env(device, allocator)
     rows: list[dict[str, object]] = []
     for shape in shapes:
         for dname in dtypes:
@@ -230,17 +271,22 @@ def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
                     if diff > (1e-3 if dtype == torch.float32 else 0.1):
                         raise RuntimeError(f"{ours} differs from torch by {diff} on {shape} "
                                            f"{layout} {dname} {variant}")
+                    # aten's CPU channels-last kernel is not robust (see the module docstring)
+                    robust = device.type == "cpu" and layout == "nhwc"
                     for pass_ in passes:
                         fns = {"copy": lambda x=x: x.clone(),
                                "torch": _pass_fn(t_op, pass_, x, w, b, dy),
                                ours: _pass_fn(o_op, pass_, x, w, b, dy)}
+                        if robust:
+                            fns[ROBUST] = _pass_fn(_make_op(ROBUST, variant, GROUPS), pass_,
+                                                   x, w, b, dy)
                         samples = measure(fns, device, min_time, reps)
                         if clean:
                             samples = clean_rounds(samples)
                         q = {k: _quantiles(v) for k, v in samples.items()}
                         copy_gbps = 2 * nbytes / q["copy"][1] / 1e9
                         moved = TENSORS_MOVED[pass_] * nbytes
-                        for backend in ("copy", "torch", ours):
+                        for backend in fns:
                             p20, p50, p80 = q[backend]
                             is_copy = backend == "copy"
                             gbps = (2 * nbytes if is_copy else moved) / p50 / 1e9
@@ -250,14 +296,15 @@ def run(shapes: list[tuple[int, ...]], dtypes: list[str], layouts: list[str],
                                          "p50_ms": p50 * 1e3, "p80_ms": p80 * 1e3,
                                          "gbps": gbps, "frac_of_copy": gbps / copy_gbps,
                                          "speedup": q["torch"][1] / p50,
+                                         "vs_robust": q[ROBUST][1] / p50 if robust else "",
                                          "bytes": 2 * nbytes if is_copy else moved})
-                        _print_case(rows[-3:], ours)
+                        _print_case(rows[-len(fns):], ours)
     return rows
 
 
 _HEADER = (f"{'shape':<16} {'layout':<5} {'dtype':<5} {'variant':<8} {'pass':<8} "
            f"{'copy ms':>8} {'torch ms':>9} {'ours ms':>9} {'ours/torch':>10} "
-           f"{'GB/s':>7} {'of copy':>7}")
+           f"{'GB/s':>7} {'of copy':>7} {'vs_robust':>9}")
 
 
 def _print_case(rows: list[dict[str, object]], ours: str) -> None:
@@ -266,7 +313,8 @@ def _print_case(rows: list[dict[str, object]], ours: str) -> None:
     print(f"{o['shape']:<16} {o['layout']:<5} {o['dtype']:<5} {o['variant']:<8} "
           f"{o['pass']:<8} {r['copy']['p50_ms']:8.2f} {r['torch']['p50_ms']:9.2f} "
           f"{o['p50_ms']:9.2f} {o['speedup']:9.2f}x {o['gbps']:7.1f} "
-          f"{o['frac_of_copy']:7.2f}", flush=True)
+          f"{o['frac_of_copy']:7.2f} "
+          f"{f'{v:8.2f}x' if isinstance(v := o['vs_robust'], float) else '-':>9}", flush=True)
 
 
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
@@ -305,13 +353,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"groupnorm bench: unknown dtype {name!r}; use fp32, bf16 or fp16",
                   file=sys.stderr)
             return 2
-    env = _env(device)
+    allocator = ""
+    if device.type == "cpu":
+        allocator = "fresh-pages" if args.fresh_pages or not reuse_freed_memory() else "reuse"
+    env = _env(device, allocator)
     print(f"# {env['device_name']} | torch {env['torch']} | triton {env['triton'] or '-'} | "
-          f"threads {env['threads'] or '-'} | {env['timestamp']} | G={GROUPS} | "
-          f"p50 of round-robin repeats; 'of copy' = GB/s ÷ x.clone() GB/s in the same loop")
+          f"threads {env['threads'] or '-'} | allocator {allocator or '-'} | "
+          f"{env['timestamp']} | G={GROUPS} | p50 of round-robin repeats; 'of copy' = GB/s ÷ "
+          f"x.clone() GB/s in the same loop; vs_robust = torch-robust p50 ÷ ours")
     print(_HEADER, flush=True)
     rows = run(shapes, dtypes, args.layouts.split(","), args.variants.split(","),
-               args.passes.split(","), device, args.min_time, args.reps, args.clean_rounds)
+               args.passes.split(","), device, args.min_time, args.reps, args.clean_rounds,
+               allocator)
     if args.csv is not None:
         write_csv(rows, args.csv)
         print(f"# wrote {len(rows)} rows to {args.csv}")
