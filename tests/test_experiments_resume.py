@@ -53,24 +53,23 @@ def _sweep_cmd(preset: Path, db: Path) -> list[str]:
             "--no-progress"]
 
 
-def _epoch_rows(db: Path) -> int:
+def _count(db: Path, sql: str) -> int:
+    """A COUNT(*) on a database that a killed or running sweep may not have created yet."""
     if not db.exists():
         return 0
     try:
         with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM epochs").fetchone()[0]
+            return c.execute(sql).fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def _epoch_rows(db: Path) -> int:
+    return _count(db, "SELECT COUNT(*) FROM epochs")
 
 
 def _done_runs(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db, timeout=5) as c:
-            return c.execute("SELECT COUNT(*) FROM runs WHERE status = 'done'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    return _count(db, "SELECT COUNT(*) FROM runs WHERE status = 'done'")
 
 
 def _snapshot(db: Path) -> dict:

@@ -590,6 +590,28 @@ void nhwc_bwd_coef(const acc_t* w, const acc_t* b, const acc_t* mean_n, const ac
   }
 }
 
+// dz = dy * act'(z) at channel c of one NHWC row, z = x * a + bz (+ r) the pre-activation.
+template <int A, bool R, typename scalar_t, typename acc_t>
+GN_INLINE acc_t nhwc_dz(acc_t xv, const scalar_t* dyr, const scalar_t* rr, const acc_t* a,
+                        const acc_t* bz, int64_t c) {
+  acc_t dz = ld(dyr[c]);
+  if constexpr (A != kNone) {
+    acc_t z = xv * a[c] + bz[c];
+    if constexpr (R) z += ld(rr[c]);
+    dz *= act_grad<A>(z);
+  }
+  return dz;
+}
+
+// Prefetches the rows of x, dy (and r) that the NHWC backward loops will read next.
+template <bool R, typename scalar_t>
+GN_INLINE void nhwc_bwd_prefetch(const scalar_t* xr, const scalar_t* dyr, const scalar_t* rr,
+                                 int64_t C) {
+  prefetch_ahead(xr, C);
+  prefetch_ahead(dyr, C);
+  if constexpr (R) prefetch_ahead(rr, C);
+}
+
 // Per-channel sums of dz * (x - mean) and dz over chunk k of one sample.
 template <int A, bool R, typename scalar_t, typename acc_t>
 void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn, int64_t S,
@@ -604,18 +626,11 @@ void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
     const scalar_t* __restrict xr = xn + s * C;
     const scalar_t* __restrict dyr = dyn + s * C;
     const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
-    prefetch_ahead(xr, C);
-    prefetch_ahead(dyr, C);
-    if constexpr (R) prefetch_ahead(rr, C);
+    nhwc_bwd_prefetch<R>(xr, dyr, rr, C);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xv = ld(xr[c]);
-      acc_t dz = ld(dyr[c]);
-      if constexpr (A != kNone) {
-        acc_t z = xv * a[c] + bz[c];
-        if constexpr (R) z += ld(rr[c]);
-        dz *= act_grad<A>(z);
-      }
+      const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
       s1[c] += dz * (xv - mc[c]);
       s2[c] += dz;
     }
@@ -664,17 +679,13 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
     const scalar_t* __restrict dyr = dyn + s * C;
     const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
     scalar_t* __restrict dxr = dxn + s * C;
-    prefetch_ahead(xr, C);
-    prefetch_ahead(dyr, C);
-    if constexpr (R) prefetch_ahead(rr, C);
+    nhwc_bwd_prefetch<R>(xr, dyr, rr, C);
     if (dzn != nullptr) {
       scalar_t* __restrict dzr = dzn + s * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xv = ld(xr[c]);
-        acc_t z = xv * a[c] + bz[c];
-        if constexpr (R) z += ld(rr[c]);
-        const acc_t dz = ld(dyr[c]) * act_grad<A>(z);
+        const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
         dzr[c] = st<scalar_t>(dz);
         dxr[c] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
@@ -683,12 +694,7 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
 #pragma omp simd
         for (int64_t c = i0; c < i1; ++c) {
           const acc_t xv = ld(xr[c]);
-          acc_t dz = ld(dyr[c]);
-          if constexpr (A != kNone) {
-            acc_t z = xv * a[c] + bz[c];
-            if constexpr (R) z += ld(rr[c]);
-            dz *= act_grad<A>(z);
-          }
+          const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
           out[c - i0] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
         }
       });
