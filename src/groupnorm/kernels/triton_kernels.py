@@ -67,6 +67,45 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _program_slice(G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C: tl.constexpr):
+    """This program's sample n, its group's channels (chan, mask_c), their element offsets at
+    s = 0 (off_c), and its slice [s_start, s_end) of the spatial range."""
+    pid = tl.program_id(0)  # n * G + g
+    sid = tl.program_id(1)  # slice
+    n = pid // G
+    g = pid % G
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < CG
+    chan = g * CG + offs_c
+    off_c = n.to(tl.int64) * stride_n + chan.to(tl.int64) * stride_c
+    s_start = sid * S_PER_SPLIT
+    s_end = tl.minimum(S, s_start + S_PER_SPLIT)
+    return pid, sid, n, chan, mask_c, off_c, s_start, s_end
+
+
+@triton.jit
+def _tile(off_c, mask_c, s0, s_end, stride_s, BLOCK_S: tl.constexpr):
+    """Element offsets and mask of the [BLOCK_S, BLOCK_C] tile starting at spatial position s0."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    mask = (offs_s < s_end)[:, None] & mask_c[None, :]
+    off = off_c[None, :] + offs_s[:, None].to(tl.int64) * stride_s
+    return off, mask
+
+
+@triton.jit
+def _load_x_dz(X, DY, R, off, mask, a, bz, ACT: tl.constexpr, HAS_RES: tl.constexpr):
+    """x and dz = dy·act'(z) of a tile in fp32, z = x·a + bz (+ r) recomputed when ACT != 0."""
+    x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
+    dz = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
+    if ACT != 0:
+        z = x * a[None, :] + bz[None, :]
+        if HAS_RES:
+            z += tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
+        dz = dz * _act_grad(z, ACT)
+    return x, dz
+
+
+@triton.jit
 def _gn_fwd_stats_kernel(
     X,  # pointer to the input x, viewed as (N, S, C) through the strides below
     PMEAN,  # pointer to the per-slice partial means, fp32 (N*G, SPLIT)
@@ -81,23 +120,14 @@ def _gn_fwd_stats_kernel(
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile, next power of two >= CG
 ):
-    pid = tl.program_id(0)  # n * G + g
-    sid = tl.program_id(1)  # slice
-    n = pid // G
-    g = pid % G
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    base = X + n.to(tl.int64) * stride_n + (g * CG + offs_c).to(tl.int64) * stride_c
-    s_start = sid * S_PER_SPLIT
-    s_end = tl.minimum(S, s_start + S_PER_SPLIT)
+    pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
     mean = 0.0
     m2 = 0.0
     cnt = 0.0
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < s_end)[:, None] & mask_c[None, :]
-        x = tl.load(base[None, :] + offs_s[:, None].to(tl.int64) * stride_s, mask=mask,
-                    other=0.0).to(tl.float32)
+        off, mask = _tile(off_c, mask_c, s0, s_end, stride_s, BLOCK_S)
+        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         nb = tl.sum(mask.to(tl.float32), axis=None)
         bmean = tl.sum(x, axis=None) / nb
         d = tl.where(mask, x - bmean, 0.0)
@@ -134,10 +164,8 @@ def _gn_fwd_apply_kernel(
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
 ):
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    n = pid // G
-    g = pid % G
+    pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
     # merge the SPLIT partials (Chan): fixed order, so every slice computes identical stats
     offs_p = tl.arange(0, SPLIT)
     pm = tl.load(PMEAN + pid * SPLIT + offs_p)
@@ -151,20 +179,12 @@ def _gn_fwd_apply_kernel(
     if sid == 0:
         tl.store(MEAN + pid, mean)
         tl.store(RSTD + pid, rstd)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
     w = tl.load(W + chan, mask=mask_c, other=0.0)
     b = tl.load(B + chan, mask=mask_c, other=0.0)
     a = w * rstd
     bb = b - mean * a
-    off_c = n.to(tl.int64) * stride_n + chan.to(tl.int64) * stride_c
-    s_start = sid * S_PER_SPLIT
-    s_end = tl.minimum(S, s_start + S_PER_SPLIT)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < s_end)[:, None] & mask_c[None, :]
-        off = off_c[None, :] + offs_s[:, None].to(tl.int64) * stride_s
+        off, mask = _tile(off_c, mask_c, s0, s_end, stride_s, BLOCK_S)
         x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
         z = x * a[None, :] + bb[None, :]
         if HAS_RES:
@@ -196,35 +216,19 @@ def _gn_bwd_reduce_kernel(
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
 ):
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    n = pid // G
-    g = pid % G
+    pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
     w = tl.load(W + chan, mask=mask_c, other=0.0)
     b = tl.load(B + chan, mask=mask_c, other=0.0)
     a = w * rstd
     bz = b - mean * a
-    off_c = n.to(tl.int64) * stride_n + chan.to(tl.int64) * stride_c
     acc_ds = tl.zeros((BLOCK_C,), tl.float32)
     acc_db = tl.zeros((BLOCK_C,), tl.float32)
-    s_start = sid * S_PER_SPLIT
-    s_end = tl.minimum(S, s_start + S_PER_SPLIT)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < s_end)[:, None] & mask_c[None, :]
-        off = off_c[None, :] + offs_s[:, None].to(tl.int64) * stride_s
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
-            z = x * a[None, :] + bz[None, :]
-            if HAS_RES:
-                z += tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
-            dz = dz * _act_grad(z, ACT)
+        off, mask = _tile(off_c, mask_c, s0, s_end, stride_s, BLOCK_S)
+        x, dz = _load_x_dz(X, DY, R, off, mask, a, bz, ACT, HAS_RES)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         acc_ds += tl.sum(dz * xhat, axis=0)
         acc_db += tl.sum(dz, axis=0)
@@ -260,15 +264,10 @@ def _gn_bwd_dx_kernel(
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
 ):
-    pid = tl.program_id(0)
-    sid = tl.program_id(1)
-    n = pid // G
-    g = pid % G
+    pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
-    offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
     w = tl.load(W + chan, mask=mask_c, other=0.0)
     b = tl.load(B + chan, mask=mask_c, other=0.0)
     # c1, c2 from this group's partials over all slices (a fixed-shape tree sum)
@@ -281,20 +280,9 @@ def _gn_bwd_dx_kernel(
     c2 = tl.sum(w * db, axis=0) * inv_m
     a = w * rstd
     bz = b - mean * a
-    off_c = n.to(tl.int64) * stride_n + chan.to(tl.int64) * stride_c
-    s_start = sid * S_PER_SPLIT
-    s_end = tl.minimum(S, s_start + S_PER_SPLIT)
     for s0 in range(s_start, s_end, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = (offs_s < s_end)[:, None] & mask_c[None, :]
-        off = off_c[None, :] + offs_s[:, None].to(tl.int64) * stride_s
-        x = tl.load(X + off, mask=mask, other=0.0).to(tl.float32)
-        dz = tl.load(DY + off, mask=mask, other=0.0).to(tl.float32)
-        if ACT != 0:
-            z = x * a[None, :] + bz[None, :]
-            if HAS_RES:
-                z += tl.load(R + off, mask=mask, other=0.0).to(tl.float32)
-            dz = dz * _act_grad(z, ACT)
+        off, mask = _tile(off_c, mask_c, s0, s_end, stride_s, BLOCK_S)
+        x, dz = _load_x_dz(X, DY, R, off, mask, a, bz, ACT, HAS_RES)
         xhat = (x - mean) * rstd
         dx = rstd * (w[None, :] * dz - c1 * xhat - c2)
         tl.store(DX + off, dx.to(DX.dtype.element_ty), mask=mask)
