@@ -33,24 +33,16 @@ def resolve_num_groups(num_channels: int, num_groups: int | None = None,
         raise ValueError(
             "pass exactly one of num_groups / group_size, got "
             f"num_groups={num_groups!r}, group_size={group_size!r}")
-    if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if num_channels % group_size:
-            raise ValueError(
-                f"num_channels ({num_channels}) must be divisible by group_size ({group_size}); "
-                f"pass a divisor of {num_channels} such as "
-                f"{_nearest_divisor(num_channels, group_size)}")
-        return num_channels // group_size
-    assert num_groups is not None
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-    if num_channels % num_groups:
+    by_size = group_size is not None
+    name, value = ("group_size", group_size) if by_size else ("num_groups", num_groups)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if num_channels % value:
+        hint = "a divisor" if by_size else "group_size= or a divisor"
         raise ValueError(
-            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}); "
-            f"pass group_size= or a divisor of {num_channels} such as "
-            f"{_nearest_divisor(num_channels, num_groups)}")
-    return num_groups
+            f"num_channels ({num_channels}) must be divisible by {name} ({value}); "
+            f"pass {hint} of {num_channels} such as {_nearest_divisor(num_channels, value)}")
+    return num_channels // value if by_size else value
 
 
 def _nearest_divisor(n: int, target: int) -> int:
