@@ -427,6 +427,53 @@ void nhwc_apply_chunk(const scalar_t* xn, const scalar_t* rn, scalar_t* yn, int6
 }
 
 // ---------------------------------------------------------------- forward, NHWC
+// The schedule the NHWC forward and backward share. For each sample n:
+//   prep(n, coef) -> stats(n, k, s1, s2, coef) for every row chunk k -> finish(n, p1, p2, coef)
+//   -> apply(n, k, coef) for every chunk k,
+// with coef ncoef arrays of C values per sample and p1, p2 the (nchunks, C) chunk partials.
+// One task per sample (a single parallel region, no barriers) when the samples balance over the
+// threads; else nb samples at a time, their chunks shared by all threads (two regions per sweep).
+template <typename acc_t, typename Prep, typename Stats, typename Finish, typename Apply>
+void nhwc_two_sweeps(int64_t N, int64_t C, int64_t nchunks, int64_t nb, int64_t ncoef,
+                     const Prep& prep, const Stats& stats, const Finish& finish,
+                     const Apply& apply) {
+  const int64_t KC = nchunks * C;
+  if (per_sample_tasks(N)) {
+    parallel_tasks(N, [&](const auto& next_task) {
+      std::vector<acc_t> p1(KC), p2(KC), coef(ncoef * C);
+      for (int64_t n = next_task(); n >= 0; n = next_task()) {
+        prep(n, coef.data());
+        for (int64_t k = 0; k < nchunks; ++k) {
+          stats(n, k, p1.data() + k * C, p2.data() + k * C, coef.data());
+        }
+        finish(n, p1.data(), p2.data(), coef.data());
+        for (int64_t k = 0; k < nchunks; ++k) apply(n, k, coef.data());
+      }
+    });
+    return;
+  }
+  std::vector<acc_t> p1(nb * KC), p2(nb * KC), coef(nb * ncoef * C);  // per sample of a sweep
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nn = std::min(nb, N - n0);
+    for (int64_t i = 0; i < nn; ++i) prep(n0 + i, coef.data() + i * ncoef * C);
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        stats(n0 + i, k, p1.data() + t * C, p2.data() + t * C, coef.data() + i * ncoef * C);
+      }
+    });
+    for (int64_t i = 0; i < nn; ++i) {
+      finish(n0 + i, p1.data() + i * KC, p2.data() + i * KC, coef.data() + i * ncoef * C);
+    }
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        apply(n0 + i, k, coef.data() + i * ncoef * C);
+      }
+    });
+  }
+}
+
 template <int A, bool R, typename scalar_t>
 void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar_t>* w,
               const at::opmath_type<scalar_t>* b, scalar_t* y, at::opmath_type<scalar_t>* mean,
@@ -437,50 +484,21 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
-  if (per_sample_tasks(N)) {
-    parallel_tasks(N, [&](const auto& next_task) {
-      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bc(C);
-      for (int64_t n = next_task(); n >= 0; n = next_task()) {
-        const scalar_t* xn = x + n * SC;
-        for (int64_t k = 0; k < nchunks; ++k) {
-          nhwc_stats_chunk(xn, S, C, k, rows, p1.data() + k * C, p2.data() + k * C);
-        }
-        nhwc_finish_stats(xn, p1.data(), p2.data(), nchunks, S, C, G, eps, w, b, mean + n * G,
-                          rstd + n * G, a.data(), bc.data());
-        for (int64_t k = 0; k < nchunks; ++k) {
-          nhwc_apply_chunk<A, R>(xn, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
-                                 a.data(), bc.data(), stream);
-        }
-      }
-    });
-    return;
-  }
-  const int64_t nb = samples_per_sweep(S, C, sizeof(scalar_t), N);
-  std::vector<acc_t> p1(nb * nchunks * C), p2(nb * nchunks * C);  // (nb, chunk, C)
-  std::vector<acc_t> a(nb * C), bc(nb * C);                       // (nb, C)
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t nn = std::min(nb, N - n0);
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        nhwc_stats_chunk(x + (n0 + i) * SC, S, C, k, rows, p1.data() + t * C,
-                         p2.data() + t * C);
-      }
-    });
-    for (int64_t i = 0; i < nn; ++i) {
-      const int64_t n = n0 + i;
-      nhwc_finish_stats(x + n * SC, p1.data() + i * nchunks * C, p2.data() + i * nchunks * C,
-                        nchunks, S, C, G, eps, w, b, mean + n * G, rstd + n * G,
-                        a.data() + i * C, bc.data() + i * C);
-    }
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks, n = n0 + i;
+  // coef: a (C), bc (C) with y = act(x * a + bc (+ r))
+  nhwc_two_sweeps<acc_t>(
+      N, C, nchunks, samples_per_sweep(S, C, sizeof(scalar_t), N), 2,
+      [&](int64_t, acc_t*) {},
+      [&](int64_t n, int64_t k, acc_t* s1, acc_t* s2, const acc_t*) {
+        nhwc_stats_chunk(x + n * SC, S, C, k, rows, s1, s2);
+      },
+      [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
+        nhwc_finish_stats(x + n * SC, p1, p2, nchunks, S, C, G, eps, w, b, mean + n * G,
+                          rstd + n * G, coef, coef + C);
+      },
+      [&](int64_t n, int64_t k, const acc_t* coef) {
         nhwc_apply_chunk<A, R>(x + n * SC, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
-                               a.data() + i * C, bc.data() + i * C, stream);
-      }
-    });
-  }
+                               coef, coef + C, stream);
+      });
 }
 
 
@@ -713,61 +731,27 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
-  if (per_sample_tasks(N)) {
-    parallel_tasks(N, [&](const auto& next_task) {
-      std::vector<acc_t> p1(nchunks * C), p2(nchunks * C), a(C), bz(C), mc(C), Bc(C), Dc(C);
-      for (int64_t n = next_task(); n >= 0; n = next_task()) {
+  // coef: a, bz, mc (from the saved statistics), then Bc, Dc (from the chunk sums), C each
+  nhwc_two_sweeps<acc_t>(
+      N, C, nchunks, samples_per_sweep(S, C, 2 * sizeof(scalar_t), N), 5,
+      [&](int64_t n, acc_t* coef) {
+        nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, coef, coef + C, coef + 2 * C);
+      },
+      [&](int64_t n, int64_t k, acc_t* s1, acc_t* s2, const acc_t* coef) {
         const int64_t o = n * SC;
-        const scalar_t* rn = R ? r + o : nullptr;
-        nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, a.data(), bz.data(), mc.data());
-        for (int64_t k = 0; k < nchunks; ++k) {
-          nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, rn, S, C, k, rows, a.data(), bz.data(),
-                                     mc.data(), p1.data() + k * C, p2.data() + k * C);
-        }
-        nhwc_bwd_finish(p1.data(), p2.data(), nchunks, S, C, G, w, mean + n * G, rstd + n * G,
-                        ds + n * C, db + n * C, Bc.data(), Dc.data());
-        for (int64_t k = 0; k < nchunks; ++k) {
-          nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, rn, dx + o, dz_out ? dz_out + o : nullptr, S,
-                                     C, k, rows, a.data(), bz.data(), mc.data(), Bc.data(),
-                                     Dc.data(), stream);
-        }
-      }
-    });
-    return;
-  }
-  const int64_t nb = samples_per_sweep(S, C, 2 * sizeof(scalar_t), N);
-  std::vector<acc_t> p1(nb * nchunks * C), p2(nb * nchunks * C);  // (nb, chunk, C)
-  std::vector<acc_t> a(nb * C), bz(nb * C), mc(nb * C), Bc(nb * C), Dc(nb * C);
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t nn = std::min(nb, N - n0);
-    for (int64_t i = 0; i < nn; ++i) {
-      nhwc_bwd_coef(w, b, mean + (n0 + i) * G, rstd + (n0 + i) * G, C, G, a.data() + i * C,
-                    bz.data() + i * C, mc.data() + i * C);
-    }
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
-        nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows,
-                                   a.data() + i * C, bz.data() + i * C, mc.data() + i * C,
-                                   p1.data() + t * C, p2.data() + t * C);
-      }
-    });
-    for (int64_t i = 0; i < nn; ++i) {
-      const int64_t n = n0 + i;
-      nhwc_bwd_finish(p1.data() + i * nchunks * C, p2.data() + i * nchunks * C, nchunks, S, C, G,
-                      w, mean + n * G, rstd + n * G, ds + n * C, db + n * C, Bc.data() + i * C,
-                      Dc.data() + i * C);
-    }
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks, o = (n0 + i) * SC;
+        nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows, coef,
+                                   coef + C, coef + 2 * C, s1, s2);
+      },
+      [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
+        nhwc_bwd_finish(p1, p2, nchunks, S, C, G, w, mean + n * G, rstd + n * G, ds + n * C,
+                        db + n * C, coef + 3 * C, coef + 4 * C);
+      },
+      [&](int64_t n, int64_t k, const acc_t* coef) {
+        const int64_t o = n * SC;
         nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, dx + o,
-                                   dz_out ? dz_out + o : nullptr, S, C, k, rows,
-                                   a.data() + i * C, bz.data() + i * C, mc.data() + i * C,
-                                   Bc.data() + i * C, Dc.data() + i * C, stream);
-      }
-    });
-  }
+                                   dz_out ? dz_out + o : nullptr, S, C, k, rows, coef, coef + C,
+                                   coef + 2 * C, coef + 3 * C, coef + 4 * C, stream);
+      });
 }
 
 
