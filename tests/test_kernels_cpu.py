@@ -183,7 +183,8 @@ def test_bench_smoke(tmp_path, capsys):
     out = tmp_path / "bench.csv"
     # --fresh-pages: leave this (pytest) process's allocator settings alone
     assert bench.main(["--shapes", "2x32x8x8", "--reps", "3", "--variants", "gn,gn+silu",
-                       "--passes", "fwd,fwd+bwd", "--csv", str(out), "--fresh-pages"]) == 0
+                       "--passes", "fwd,fwd+bwd", "--csv", str(out), "--fresh-pages",
+                       "--plot", str(tmp_path / "bench.png")]) == 0
     rows = list(csv.DictReader(out.open()))
     # 2 variants x 2 passes x (copy, torch, cpu) for NCHW and (..., torch-robust) for NHWC
     assert len(rows) == 2 * 2 * 3 + 2 * 2 * 4
@@ -194,6 +195,12 @@ def test_bench_smoke(tmp_path, capsys):
         assert (r["vs_robust"] != "") == (r["layout"] == "nhwc"), r
         assert float(r["p50_ms"]) > 0 and float(r["speedup"]) > 0
     assert "ours/torch" in capsys.readouterr().out
+    # the figure, drawn in the run and again from the CSV alone (--plot-only measures nothing)
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert bench.main(["--plot-only", str(out), "--plot", str(tmp_path / "again.png")]) == 0
+    assert (tmp_path / "again.png").stat().st_size > 10_000
+    assert bench.main(["--plot-only", str(tmp_path / "missing.csv"), "--plot", "x.png"]) == 2
+    assert bench.main(["--plot-only", str(out)]) == 2
 
 
 def test_bench_allocator_setting_takes():

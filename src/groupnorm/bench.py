@@ -21,6 +21,7 @@ lands on whichever contender allocated last. ``--fresh-pages`` keeps glibc's def
     groupnorm bench                       # CPU: 2 threads, quick subset, fp32 (a few minutes)
     groupnorm bench --device cuda         # all shapes, fp32 / bf16 / fp16
     groupnorm bench --shapes 8x256x56x56 --dtype fp32,bf16 --csv out/bench.csv
+    groupnorm bench --plot-only out/bench.csv --plot out/bench.png   # a figure from CSV rows
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,6 +86,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="gn,gn+silu", help="comma-separated of gn,gn+silu")
     p.add_argument("--passes", default=",".join(PASSES), help="comma-separated of fwd,bwd,fwd+bwd")
     p.add_argument("--csv", default=None, type=Path, help="append rows to this CSV file")
+    p.add_argument("--plot", default=None, type=Path,
+                   help="draw the rows (ours ÷ torch and fraction of copy per case) into a PNG")
+    p.add_argument("--plot-only", default=None, type=Path, metavar="CSV",
+                   help="measure nothing: draw --plot from the rows of this CSV (several runs "
+                        "of a case are drawn as their median with a min-max bar)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
     p.add_argument("--min-time", type=float, default=0.4,
                    help="seconds of timing per contender and case (default: 0.4)")
@@ -317,6 +324,70 @@ def _print_case(rows: list[dict[str, object]], ours: str) -> None:
           f"{f'{v:8.2f}x' if isinstance(v := o['vs_robust'], float) else '-':>9}", flush=True)
 
 
+def read_csv(path: Path) -> list[dict[str, object]]:
+    """Rows written by :func:`write_csv`, numbers as floats."""
+    numeric = {"p20_ms", "p50_ms", "p80_ms", "gbps", "frac_of_copy", "speedup", "vs_robust",
+               "bytes"}
+    with path.open(newline="") as fh:
+        return [{k: (float(v) if k in numeric and v != "" else v) for k, v in row.items()}
+                for row in csv.DictReader(fh)]
+
+
+def plot_rows(rows: list[dict[str, object]], path: Path) -> Path:
+    """Two panels per (shape, dtype): ours ÷ torch (and torch-robust ÷ ours where measured) and
+    ours' fraction of copy bandwidth, one group of bars per layout × variant × pass. Several
+    rows of one case (repeated runs) are drawn as the median with a min-max bar."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    ours = [r for r in rows if r["backend"] in ("cpu", "triton")]
+    if not ours:
+        raise ValueError("no rows of our backend ('cpu' or 'triton') to plot")
+    panels = sorted({(r["shape"], r["dtype"]) for r in ours})
+    fig, axes = plt.subplots(len(panels), 2, figsize=(13, 3.6 * len(panels)), squeeze=False)
+    for (shape, dtype), (ax_speed, ax_copy) in zip(panels, axes, strict=True):
+        cases: dict[tuple[str, str, str], list[dict[str, object]]] = {}
+        for r in ours:
+            if (r["shape"], r["dtype"]) == (shape, dtype):
+                cases.setdefault((r["layout"], r["variant"], r["pass"]), []).append(r)
+        keys = sorted(cases, key=lambda k: (k[0], k[1], PASSES.index(k[2])))
+        xs = np.arange(len(keys))
+
+        def bars(ax, field, offset, width, label, color, keys=keys, cases=cases, xs=xs):
+            vals = [[float(r[field]) for r in cases[k] if r[field] not in ("", None)]
+                    for k in keys]
+            med = np.array([np.median(v) if v else np.nan for v in vals])
+            lo = np.array([med[i] - min(v) if v else 0.0 for i, v in enumerate(vals)])
+            hi = np.array([max(v) - med[i] if v else 0.0 for i, v in enumerate(vals)])
+            ax.bar(xs + offset, med, width, yerr=[lo, hi], capsize=2, label=label, color=color)
+
+        bars(ax_speed, "speedup", -0.2, 0.4, "ours ÷ torch (F.group_norm)", "tab:blue")
+        if any(r["vs_robust"] not in ("", None) for k in keys for r in cases[k]):
+            bars(ax_speed, "vs_robust", 0.2, 0.4, "torch-robust ÷ ours (channels-last)",
+                 "tab:orange")
+        ax_speed.axhline(1.0, color="k", lw=0.8)
+        ax_speed.set_ylabel("speed ratio (> 1: ours faster)")
+        bars(ax_copy, "frac_of_copy", 0.0, 0.6, "ours: GB/s ÷ copy GB/s", "tab:green")
+        ax_copy.axhline(0.8, color="tab:red", lw=0.8, ls="--", label="0.8 (the CPU target)")
+        ax_copy.set_ylabel("fraction of copy bandwidth")
+        for ax in (ax_speed, ax_copy):
+            ax.set_xticks(xs, ["\n".join(k) for k in keys], fontsize=7)
+            ax.set_title(f"{shape} {dtype}", fontsize=9)
+            ax.legend(fontsize=7, loc="upper left")
+            ax.grid(axis="y", alpha=0.3)
+    first = ours[0]
+    fig.suptitle(f"groupnorm bench: {first['device_name']}, torch {first['torch']}, "
+                 f"threads {first['threads'] or '-'}, allocator {first.get('allocator') or '-'}",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path
+
+
 def write_csv(rows: list[dict[str, object]], path: Path) -> None:
     """Append rows to a CSV (header written when the file is new)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +404,15 @@ def write_csv(rows: list[dict[str, object]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``groupnorm bench``; returns the exit status."""
     args = _build_parser().parse_args(argv)
+    if args.plot_only is not None:
+        if args.plot is None:
+            print("groupnorm bench: --plot-only needs --plot PATH.png", file=sys.stderr)
+            return 2
+        if not args.plot_only.is_file():
+            print(f"groupnorm bench: no CSV at {args.plot_only}", file=sys.stderr)
+            return 2
+        print(f"# wrote {plot_rows(read_csv(args.plot_only), args.plot)}")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("groupnorm bench: --device cuda asked for but CUDA is not available",
@@ -368,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.csv is not None:
         write_csv(rows, args.csv)
         print(f"# wrote {len(rows)} rows to {args.csv}")
+    if args.plot is not None:
+        print(f"# wrote {plot_rows(rows, args.plot)}")
     return 0
 
 
