@@ -209,6 +209,47 @@ def test_replaced_file_is_reread(tmp_path):
     assert len(load_dataset("mnist", root=tmp_path, download=False)) == 40
 
 
+def test_search_order_root_then_env_then_cache(tmp_path, monkeypatch):
+    for name, n in (("root", 20), ("env", 30), ("cache", 40)):
+        (tmp_path / name).mkdir()
+        make_idx_set(tmp_path / name, gz=True, n_train=n)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the cache is <XDG>/groupnorm
+    (tmp_path / "cache").rename(tmp_path / "groupnorm")
+    monkeypatch.setenv("GROUPNORM_DATA", str(tmp_path / "env"))
+    assert len(load_dataset("mnist", root=tmp_path / "root", download=False)) == 20
+    assert len(load_dataset("mnist", download=False)) == 30
+    monkeypatch.delenv("GROUPNORM_DATA")
+    assert len(load_dataset("mnist", download=False)) == 40
+
+
+def test_official_size_must_have_official_checksum(tmp_path):
+    # A t10k labels file of the official size (10 000 labels) whose bytes are not the official
+    # ones: structurally fine, so only the published MD5 of the decoded content can catch it.
+    make_idx_set(tmp_path, gz=False)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10000, dtype=np.uint8) % 10, gz=True)
+    with pytest.raises(CorruptDatasetError,
+                       match=r"t10k-labels-idx1-ubyte.gz: has the size of the official file but "
+                             r"its content fails the checksum: MD5 [0-9a-f]{32}, expected "
+                             "27ae3e4e09519cfbb04c329615203637"):
+        load_dataset("mnist", "test", root=tmp_path, download=False)
+
+
+@needs_fmnist
+def test_real_fashion_mnist_flipped_byte_is_caught(tmp_path):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(gzip.decompress((FMNIST_DIR / f"{stem}.gz").read_bytes()))
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / f"{stem}.gz").symlink_to(FMNIST_DIR / f"{stem}.gz")
+    assert len(load_dataset("fashion-mnist", "test", root=tmp_path, download=False)) == 10000
+    p = tmp_path / "t10k-images-idx3-ubyte"
+    data = bytearray(p.read_bytes())
+    data[5_000_000] ^= 1  # one pixel, one bit
+    p.write_bytes(bytes(data))
+    with pytest.raises(CorruptDatasetError, match="t10k-images-idx3-ubyte: .*fails the checksum.*"
+                                                  "expected 8181f5470baa50b63fa0f6fddb340f0a"):
+        load_dataset("fashion-mnist", "test", root=tmp_path, download=False)
+
+
 # --------------------------------------------------------------------------- CIFAR
 
 
@@ -238,6 +279,22 @@ def test_cifar100_fine_and_coarse(tmp_path):
     assert fine.num_classes == 100 and coarse.num_classes == 20
     assert fine.images.shape == (12, 3, 32, 32)
     assert coarse.labels.max() < 20
+
+
+def test_cifar_root_may_be_the_extracted_folder(tmp_path):
+    make_cifar10(tmp_path, as_tar=False)
+    ds = load_dataset("cifar10", "test", root=tmp_path / "cifar-10-batches-py", download=False)
+    assert len(ds) == 8
+
+
+def test_cifar_official_count_must_have_official_checksum(tmp_path):
+    make_cifar10(tmp_path, as_tar=False)
+    rng = np.random.default_rng(0)  # a full-size (10 000 image) test batch that is not the real one
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
+        pickle.dumps(cifar_batch(10000, "labels", rng, 10), protocol=2))
+    with pytest.raises(CorruptDatasetError, match="test_batch: has the size of the official file "
+                                                  ".*expected 40351d587109b95175f43aff81a1287e"):
+        load_dataset("cifar10", "test", root=tmp_path, download=False)
 
 
 def test_cifar_truncated_pickle(tmp_path):
@@ -279,7 +336,8 @@ def test_not_found_says_what_to_install(tmp_path, monkeypatch):
         load_dataset("fashion-mnist", root=tmp_path / "empty", download=False)
     msg = str(e.value)
     assert "apt-get install dataset-fashion-mnist" in msg
-    assert "train-images-idx3-ubyte.gz" in msg and str(tmp_path / "empty") in msg
+    assert "train-images-idx3-ubyte.gz or train-images-idx3-ubyte," in msg
+    assert str(tmp_path / "empty") in msg
 
 
 def _with_remotes(monkeypatch, name, remotes):
@@ -290,9 +348,24 @@ def _with_remotes(monkeypatch, name, remotes):
 
 def test_failed_download_ends_in_clear_error(tmp_path, monkeypatch):
     _with_remotes(monkeypatch, "mnist", [
-        sources.Remote("train-images-idx3-ubyte.gz", "http://127.0.0.1:9/x.gz", "0" * 32)])
-    with pytest.raises(DatasetNotFoundError, match="Download failed: .*Error"):
+        sources.Remote("train-images-idx3-ubyte.gz", "http://127.0.0.1:9/x.gz", "0" * 32,
+                       ("http://127.0.0.1:9/mirror.gz",))])
+    with pytest.raises(DatasetNotFoundError, match=r"Download failed: OSError: could not download "
+                                                   r"train-images-idx3-ubyte.gz: http://127.0.0.1"
+                                                   r":9/x.gz: .*Error.*; http://127.0.0.1:9/mirror"):
         load_dataset("mnist", root=tmp_path / "dl", download=True)
+
+
+def test_download_falls_back_to_a_mirror(tmp_path, monkeypatch):
+    src = tmp_path / "server"
+    src.mkdir()
+    make_idx_set(src, gz=True)
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    remotes = [sources.Remote(n, f"http://127.0.0.1:9/{n}", sources.md5sum(src / n),
+                              ((src / n).as_uri(),)) for n in names]
+    _with_remotes(monkeypatch, "mnist", remotes)
+    assert len(load_dataset("mnist", root=tmp_path / "dl", download=True)) == 30
 
 
 def test_download_verifies_md5(tmp_path, monkeypatch):
@@ -472,6 +545,27 @@ def test_loader_augment_is_crop_and_flip_of_the_source():
     assert 0 < flips < n  # both flipped and unflipped samples occur
     (x2, _), = list(Loader(ds, n, shuffle=False, augment=True, pad=pad, seed=0))
     assert torch.equal(x, x2)
+
+
+def test_loader_three_channels_per_channel_norm_and_one_crop():
+    n, h, w = 16, 6, 6
+    torch.manual_seed(0)
+    base = torch.randint(1, 200, (n, 1, h, w), dtype=torch.uint8)
+    images = torch.cat([base, base + 20, base + 40], 1)  # channel c = channel 0 + 20c
+    ds = ImageDataset(images, torch.zeros(n, dtype=torch.int64), 2, "rgb",
+                      (0.1, 0.3, 0.5), (0.2, 0.4, 0.8))
+    (x, _), = list(Loader(ds, n, shuffle=False))
+    mean = torch.tensor(ds.mean).view(1, 3, 1, 1)
+    std = torch.tensor(ds.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (images.float() / 255 - mean) / std)
+    (xa, _), = list(Loader(ds, n, shuffle=False, augment=True, pad=2, seed=3))
+    u8 = (xa * std + mean) * 255  # back to pixel values (zero padding maps to 0)
+    # One crop and flip per sample across its channels: where channel 0 shows an image pixel,
+    # channels 1 and 2 show the same pixel plus 20 and 40.
+    inside = u8[:, 0] > 0.5
+    torch.testing.assert_close(u8[:, 1][inside], u8[:, 0][inside] + 20, atol=1e-3, rtol=0)
+    torch.testing.assert_close(u8[:, 2][inside], u8[:, 0][inside] + 40, atol=1e-3, rtol=0)
+    assert (~inside).any()  # some padding was cropped in
 
 
 def test_loader_video_augment_same_crop_all_frames():

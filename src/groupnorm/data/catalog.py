@@ -67,10 +67,29 @@ def _idx_names(split: str) -> list[list[str]]:
              f"{stem}-{kind}.{idx}-ubyte"] for kind, idx in kinds]
 
 
-def _build_idx(split: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+# (size, MD5) of the decoded official IDX files per split: (images, labels). The MD5s are those
+# of the uncompressed files as published with the data sets (the same for Zalando's and Debian's
+# Fashion-MNIST, whose .gz files differ byte-wise); the sizes are 16 + 60000·784 etc.
+_IdxOfficial = dict[str, tuple[tuple[int, str], tuple[int, str]]]
+_FMNIST_IDX: _IdxOfficial = {
+    "train": ((47040016, "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+              (60008, "9018921c3c673c538a1fc5bad174d6f9")),
+    "test": ((7840016, "8181f5470baa50b63fa0f6fddb340f0a"),
+             (10008, "15d484375f8d13e6eb1aabb0c3f46965")),
+}
+_MNIST_IDX: _IdxOfficial = {
+    "train": ((47040016, "6bbc9ace898e44ae57da46a324031adb"),
+              (60008, "a25bea736e30d166cdddb491f175f624")),
+    "test": ((7840016, "2646ac647ad5339dbf082846283269ea"),
+             (10008, "27ae3e4e09519cfbb04c329615203637")),
+}
+
+
+def _build_idx(split: str, files: list[Path], official: _IdxOfficial
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     num_classes = 10
-    images = read_idx(files[0], IDX_IMAGES)
-    labels = read_idx(files[1], IDX_LABELS).to(torch.int64)
+    images = read_idx(files[0], IDX_IMAGES, official[split][0])
+    labels = read_idx(files[1], IDX_LABELS, official[split][1]).to(torch.int64)
     if images.shape[0] != labels.shape[0]:
         raise CorruptDatasetError(
             f"{files[0]} holds {images.shape[0]} images but {files[1]} holds {labels.shape[0]} "
@@ -81,19 +100,28 @@ def _build_idx(split: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tenso
     return images.unsqueeze(1), labels
 
 
-def _mnist_like(title: str, subdirs: tuple[str, ...], system: tuple[str, ...], base_url: str,
-                md5: dict[str, str], how: str) -> _Spec:
+def _mnist_like(title: str, subdirs: tuple[str, ...], system: tuple[str, ...],
+                base_urls: tuple[str, ...], md5: dict[str, str], official: _IdxOfficial,
+                how: str) -> _Spec:
+    def build(split: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _build_idx(split, files, official)
+
     return _Spec(
-        title=title, num_classes=10, build=_build_idx, files=_idx_names, subdirs=subdirs,
-        system=system, remotes=tuple(Remote(f, base_url + f, m) for f, m in md5.items()), how=how)
+        title=title, num_classes=10, build=build, files=_idx_names, subdirs=subdirs,
+        system=system, how=how,
+        remotes=tuple(Remote(f, base_urls[0] + f, m, tuple(u + f for u in base_urls[1:]))
+                      for f, m in md5.items()))
 
 
 # --------------------------------------------------------------------------- CIFAR (pickles)
 
 def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list[str],
            test: list[str], label_key: str, subdirs: tuple[str, ...], system: tuple[str, ...],
-           md5: str, options: dict[str, Any]) -> _Spec:
-    """A CIFAR spec: batches in ``<base>/<dirname>/`` or the official ``<base>/<tarname>``."""
+           md5: str, official: dict[str, tuple[int, str]], options: dict[str, Any]) -> _Spec:
+    """A CIFAR spec: batches in ``<base>/<dirname>/`` or the official ``<base>/<tarname>``.
+
+    ``official`` maps each batch file to (images, MD5) of the published batch.
+    """
     def members(split: str) -> list[str]:
         return [f"{dirname}/{m}" for m in (train if split == "train" else test)]
 
@@ -105,6 +133,8 @@ def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list
         for d in dirs:
             if all((d / m).is_file() for m in members(split)):
                 return [d / dirname]
+            if all((d / Path(m).name).is_file() for m in members(split)):
+                return [d]  # root= names the extracted folder itself
             if (d / tarname).is_file():
                 return [d / tarname]
         return None
@@ -116,7 +146,7 @@ def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list
             if mode not in ("fine", "coarse"):
                 raise ValueError(f"label_mode must be 'fine' or 'coarse', got {mode!r}")
             key, k = f"{mode}_labels", (num_classes if mode == "fine" else 20)
-        images, labels = read_cifar_batches(files[0], members(split), key)
+        images, labels = read_cifar_batches(files[0], members(split), key, official)
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
             raise CorruptDatasetError(
                 f"{files[0]}: labels span [{int(labels.min())}, {int(labels.max())}], "
@@ -188,11 +218,15 @@ _CATALOG: dict[str, _Spec] = {
         ("fashion-mnist", "fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
         ("/usr/share/datasets/fashion-mnist", "/usr/share/fashion-mnist",
          "/usr/local/share/datasets/fashion-mnist"),
-        "https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        # The S3 *website* endpoint serves plain http only; GitHub is the second official copy.
+        # Both are verified against the published MD5 before anything reads them.
+        ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+         "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/"),
         {"train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
          "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
          "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
          "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310"},
+        _FMNIST_IDX,
         "on Debian/Ubuntu run `sudo apt-get install dataset-fashion-mnist` (installs "
         "/usr/share/datasets/fashion-mnist/), or download the four *-ubyte.gz files from "
         "https://github.com/zalandoresearch/fashion-mnist (data/fashion/)."),
@@ -200,11 +234,12 @@ _CATALOG: dict[str, _Spec] = {
         "MNIST",
         ("mnist", "MNIST/raw", "MNIST"),
         ("/usr/share/datasets/mnist", "/usr/share/mnist", "/usr/local/share/datasets/mnist"),
-        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        ("https://ossci-datasets.s3.amazonaws.com/mnist/",),
         {"train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
          "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
          "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
          "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"},
+        _MNIST_IDX,
         "download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz from "
         "https://ossci-datasets.s3.amazonaws.com/mnist/."),
@@ -212,12 +247,20 @@ _CATALOG: dict[str, _Spec] = {
         "CIFAR-10", 10, "cifar-10-batches-py", "cifar-10-python.tar.gz", _C10_TRAIN,
         ["test_batch"], "labels", ("cifar10", "cifar-10"),
         ("/usr/share/datasets/cifar10", "/usr/share/datasets/cifar-10"),
-        "c58f30108f718f92721af3b95e74349a", {}),
+        "c58f30108f718f92721af3b95e74349a",
+        {"data_batch_1": (10000, "c99cafc152244af753f735de768cd75f"),
+         "data_batch_2": (10000, "d4bba439e000b95fd0a9bffe97cbabec"),
+         "data_batch_3": (10000, "54ebc095f3ab1f0389bbae665268c751"),
+         "data_batch_4": (10000, "634d18415352ddfa80567beed471001a"),
+         "data_batch_5": (10000, "482c414d41f54cd18b22e5b47cb7c3cb"),
+         "test_batch": (10000, "40351d587109b95175f43aff81a1287e")}, {}),
     "cifar100": _cifar(
         "CIFAR-100", 100, "cifar-100-python", "cifar-100-python.tar.gz", ["train"], ["test"],
         "fine_labels", ("cifar100", "cifar-100"),
         ("/usr/share/datasets/cifar100", "/usr/share/datasets/cifar-100"),
-        "eb9058c3a382ffc7106e4002c42a8d85", {"label_mode": "fine"}),
+        "eb9058c3a382ffc7106e4002c42a8d85",
+        {"train": (50000, "16019d7e3df5f24257cddd939b257f8d"),
+         "test": (10000, "f0ef6b0ae62326f3e7ffdfab6717acfc")}, {"label_mode": "fine"}),
     "digits": _Spec(title="scikit-learn digits", num_classes=10, build=_build_digits,
                     options={"test_fraction": 0.2}),
     "synthetic": _Spec(title="synthetic", num_classes=10, build=_build_synthetic,
@@ -257,7 +300,9 @@ def _locate(spec: _Spec, split: str, root: str | os.PathLike | None,
             if found is not None:
                 return found
             why = f"downloaded into {dest} but the expected files are not there"
-    wanted = [alts[0] if spec.locate is None else " or ".join(alts) for alts in spec.files(split)]
+    # IDX: the .gz and the raw spelling (a third, rarer one is accepted but not advertised)
+    wanted = [" or ".join(alts if spec.locate is not None else alts[:2])
+              for alts in spec.files(split)]
     raise DatasetNotFoundError(not_found_message(spec.title, split, dirs, wanted, spec.how, why))
 
 

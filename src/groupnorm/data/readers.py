@@ -9,6 +9,7 @@ truncated download can never turn into a silently smaller training set.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib
 import io
 import math
@@ -22,7 +23,8 @@ import torch
 
 from .sources import CorruptDatasetError
 
-__all__ = ["read_idx", "read_cifar_batch", "read_cifar_batches", "IDX_IMAGES", "IDX_LABELS"]
+__all__ = ["read_idx", "read_cifar_batch", "read_cifar_batches", "check_official",
+           "IDX_IMAGES", "IDX_LABELS"]
 
 IDX_LABELS = 0x00000801  # 2049: unsigned byte, 1 dim
 IDX_IMAGES = 0x00000803  # 2051: unsigned byte, 3 dims
@@ -42,11 +44,28 @@ def _read_bytes(path: Path) -> bytes:
             "the file and download or reinstall it") from e
 
 
-def read_idx(path: str | Path, magic: int) -> torch.Tensor:
+def check_official(data: bytes, where: str, official_md5: str) -> None:
+    """Raise CorruptDatasetError unless ``data`` (a file's decoded content) has the published MD5.
+
+    Called for files whose header claims the official dataset (its exact size or sample count),
+    so that a flipped byte, which no structural check sees, is still caught.
+    """
+    got = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if got != official_md5:
+        raise CorruptDatasetError(
+            f"{where}: has the size of the official file but its content fails the checksum: MD5 "
+            f"{got}, expected {official_md5}; the file is corrupt: delete it and download or "
+            "reinstall it")
+
+
+def read_idx(path: str | Path, magic: int, official: tuple[int, str] | None = None
+             ) -> torch.Tensor:
     """Decode one IDX file (``.gz`` or raw) whose header must carry ``magic``; a uint8 tensor.
 
     IDX layout: 4-byte big-endian magic ``0x0000 <dtype=0x08> <ndim>``, then ``ndim`` big-endian
-    int32 sizes, then exactly prod(sizes) bytes.
+    int32 sizes, then exactly prod(sizes) bytes. ``official = (size, md5)`` of the decoded
+    official file: content of exactly that size must have that MD5 (other sizes are other data
+    sets in the same format and get the structural checks only).
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -68,6 +87,8 @@ def read_idx(path: str | Path, magic: int) -> torch.Tensor:
         raise CorruptDatasetError(
             f"{path}: {what}: {len(data)} bytes, expected {expected} (header {header} + payload "
             f"for dims {dims}); delete the file and download or reinstall it")
+    if official is not None and len(data) == official[0]:
+        check_official(data, str(path), official[1])
     arr = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
     return torch.from_numpy(arr.copy())
 
@@ -106,8 +127,13 @@ def _unpickle(raw: bytes, where: str) -> dict:
     return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def read_cifar_batch(raw: bytes, where: str, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode one CIFAR batch pickle into uint8 images (N, 3, 32, 32) and int64 labels (N,)."""
+def read_cifar_batch(raw: bytes, where: str, label_key: str,
+                     official: tuple[int, str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one CIFAR batch pickle into uint8 images (N, 3, 32, 32) and int64 labels (N,).
+
+    ``official = (images, md5)`` of the official batch: a batch of exactly that many images must
+    be byte-identical to it.
+    """
     d = _unpickle(raw, where)
     if "data" not in d or label_key not in d:
         raise CorruptDatasetError(
@@ -122,22 +148,28 @@ def read_cifar_batch(raw: bytes, where: str, label_key: str) -> tuple[torch.Tens
         raise CorruptDatasetError(
             f"{where}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images; "
             "the file is truncated or corrupt")
+    if official is not None and data.shape[0] == official[0]:
+        check_official(raw, where, official[1])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
 
 
-def read_cifar_batches(source: Path, members: list[str], label_key: str
+def read_cifar_batches(source: Path, members: list[str], label_key: str,
+                       official: dict[str, tuple[int, str]] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read and concatenate CIFAR batches from a directory or from the official ``.tar.gz``.
 
     In a tarball, ``members`` are looked up by their path inside the archive (for example
-    ``cifar-10-batches-py/data_batch_1``); in a directory, by file name.
+    ``cifar-10-batches-py/data_batch_1``); in a directory, by file name. ``official`` maps a
+    member's file name to (images, md5) of the official batch (see :func:`read_cifar_batch`).
     """
+    official = official or {}
     parts = []
     if source.is_dir():
         for m in members:
             p = source / Path(m).name
-            parts.append(read_cifar_batch(p.read_bytes(), str(p), label_key))
+            parts.append(read_cifar_batch(p.read_bytes(), str(p), label_key,
+                                          official.get(p.name)))
     else:
         try:
             with tarfile.open(source, "r:gz") as tar:
@@ -150,7 +182,8 @@ def read_cifar_batches(source: Path, members: list[str], label_key: str
                         raise CorruptDatasetError(
                             f"{source}: archive has no member {m!r}; expected the official CIFAR "
                             "python tarball")
-                    parts.append(read_cifar_batch(f.read(), f"{source}:{m}", label_key))
+                    parts.append(read_cifar_batch(f.read(), f"{source}:{m}", label_key,
+                                                  official.get(Path(m).name)))
         except (tarfile.TarError, *_GZIP_ERRORS) as e:
             raise CorruptDatasetError(
                 f"{source}: the tar.gz archive is truncated or corrupt ({type(e).__name__}: {e}); "

@@ -14,10 +14,11 @@ each tried as-is and with the dataset's usual sub-folder names (``<base>/fashion
 their published MD5 before anything reads them; a failed download ends in the same
 :class:`DatasetNotFoundError`, which says what to install or which files to put where.
 
-Checksums are only enforced on downloads: the system copies are re-compressed by their packagers
-(Debian's Fashion-MNIST ``.gz`` files differ byte-wise from Zalando's while decoding to the same
-IDX data), so local files are validated structurally instead (magic numbers, header sizes, exact
-payload length) by the readers.
+Downloads are checked against the MD5 of the published file. Local copies may be re-compressed by
+their packagers (Debian's Fashion-MNIST ``.gz`` files differ byte-wise from Zalando's while
+decoding to the same IDX data), so the readers check them structurally (magic numbers, header
+sizes, exact payload length) and, when a file has the official size, check the MD5 of its
+*decoded* content against the published one.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class Remote:
     filename: str  # name on disk, e.g. "train-images-idx3-ubyte.gz"
     url: str  # official (or official mirror) URL
     md5: str  # published checksum of the file as downloaded
+    mirrors: tuple[str, ...] = ()  # further URLs of the same file, tried in order after url
 
 
 def cache_dir() -> Path:
@@ -112,11 +114,24 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _fetch(url: str, part: Path, md5: str) -> None:
+    """Write ``url`` to ``part`` and check its MD5 (CorruptDatasetError on a mismatch)."""
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp, open(part, "wb") as f:
+        while block := resp.read(1 << 20):
+            f.write(block)
+    got = md5sum(part)
+    if got != md5:
+        raise CorruptDatasetError(
+            f"downloaded {url} has MD5 {got}, expected {md5}; the transfer was corrupted or the "
+            "server changed the file")
+
+
 def download(remotes: Sequence[Remote], dest: Path) -> None:
-    """Fetch each file into ``dest`` and verify its MD5; raise ``OSError`` on any failure.
+    """Fetch each file into ``dest`` (its URL, then its mirrors) and verify its MD5.
 
     A file is written to ``<name>.part`` and renamed only after its checksum matches, so an
-    interrupted or corrupted transfer never leaves a file that a reader would pick up.
+    interrupted or corrupted transfer never leaves a file that a reader would pick up. Raises
+    ``OSError`` naming every URL tried and why it failed when no source delivers a file.
     """
     dest.mkdir(parents=True, exist_ok=True)
     for r in remotes:
@@ -124,19 +139,18 @@ def download(remotes: Sequence[Remote], dest: Path) -> None:
         if target.is_file() and md5sum(target) == r.md5:
             continue
         part = dest / (r.filename + ".part")
-        try:
-            with urllib.request.urlopen(r.url, timeout=DOWNLOAD_TIMEOUT_S) as resp, \
-                    open(part, "wb") as f:
-                while block := resp.read(1 << 20):
-                    f.write(block)
-            got = md5sum(part)
-            if got != r.md5:
-                raise CorruptDatasetError(
-                    f"downloaded {r.url} has MD5 {got}, expected {r.md5}; the transfer was "
-                    "corrupted or the server changed the file")
-            part.replace(target)
-        finally:
-            part.unlink(missing_ok=True)
+        failures = []
+        for url in (r.url, *r.mirrors):
+            try:
+                _fetch(url, part, r.md5)
+                part.replace(target)
+                break
+            except (OSError, urllib.error.URLError, CorruptDatasetError) as e:
+                failures.append(f"{url}: {type(e).__name__}: {e}")
+            finally:
+                part.unlink(missing_ok=True)
+        else:
+            raise OSError(f"could not download {r.filename}: " + "; ".join(failures))
 
 
 def not_found_message(title: str, split: str, dirs: Sequence[Path],
