@@ -126,10 +126,34 @@ def test_virtual_batch_uneven_tail_and_channels_last():
     m = BatchNorm(4, virtual_batch=4)
     x = torch.randn(10, 4, 3, 3).to(memory_format=torch.channels_last)
     y = m(x)
-    expected = torch.cat([F.batch_norm(c, None, None, training=True) for c in x.split(4)])
+    chunks = x.split(4)  # 4 + 4 + 2: three workers, the last with the epoch's remainder
+    expected = torch.cat([F.batch_norm(c, None, None, training=True) for c in chunks])
     torch.testing.assert_close(y, expected)
+    # one optimizer step = one update of the running statistics (the workers' average)
+    assert int(m.num_batches_tracked) == 1
+    means = torch.stack([c.mean((0, 2, 3)) for c in chunks]).mean(0)
+    vars_ = torch.stack([c.transpose(0, 1).flatten(1).var(1) for c in chunks]).mean(0)
+    torch.testing.assert_close(m.running_mean, 0.1 * means)
+    torch.testing.assert_close(m.running_var, 0.9 + 0.1 * vars_)
     m2 = BatchNorm(4, virtual_batch=5)
     assert m2(x).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_bn_dim_option_fixes_the_rank():
+    m = norm_layer("bn", 8, dim=2)
+    assert m(torch.randn(4, 8, 3, 3)).shape == (4, 8, 3, 3) and "dim=2" in repr(m)
+    with pytest.raises(ValueError, match=r"dim=2 \(BatchNorm2d\) expects input of ndim 4, got "
+                                         r"ndim=5 with shape \(4, 8, 2, 3, 3\)"):
+        m(torch.randn(4, 8, 2, 3, 3))
+    one = norm_layer("bn", 8, dim=1)  # BatchNorm1d: (N, C) or (N, C, L)
+    assert one(torch.randn(4, 8)).shape == (4, 8) and one(torch.randn(4, 8, 5)).shape == (4, 8, 5)
+    with pytest.raises(ValueError, match="ndim 2 or 3"):
+        one(torch.randn(4, 8, 3, 3))
+    assert norm_layer("brn", 8, dim=3).dim == 3 and norm_layer("syncbn", 8, dim=3).dim == 3
+    with pytest.raises(ValueError, match=r"dim must be None, 1, 2 or 3.*got 4"):
+        norm_layer("bn", 8, dim=4)
+    # the state_dict is still torch's BatchNorm2d's
+    assert set(m.state_dict()) == set(nn.BatchNorm2d(8).state_dict())
 
 
 def test_virtual_batch_eval_uses_running_stats():
@@ -192,6 +216,23 @@ def test_brn_corrects_towards_running_stats():
     x = torch.randn(6, 3, 5)
     expected = (x - 1.0) / torch.sqrt(torch.tensor(4.0 + m.eps))
     torch.testing.assert_close(m(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_brn_warmup_acts_as_bn_then_relaxes():
+    """Default BRN: BN for the warm-up steps, then r, d pull towards the running statistics."""
+    torch.manual_seed(0)
+    brn = BatchRenorm(3, warmup_steps=2, r_max_steps=4, d_max_steps=4, momentum=0.0)
+    with torch.no_grad():  # running statistics far from any batch's
+        brn.running_mean.fill_(5.0)
+        brn.running_var.fill_(9.0)
+    x = torch.randn(8, 3, 4)
+    bn_out = F.batch_norm(x, None, None, training=True)
+    for _ in range(2):  # steps 0, 1: limits (1, 0), so exactly BN
+        torch.testing.assert_close(brn(x), bn_out)
+    brn(x), brn(x)  # steps 2, 3: relaxing
+    assert int(brn.num_batches_tracked) == 4 and brn.current_limits() == (3.0, 5.0)
+    relaxed = brn(x)  # r = clip(σ_B / 3), d = clip((μ_B − 5) / 3): far from BN's output
+    assert (relaxed - bn_out).abs().max() > 0.5
 
 
 def test_brn_warmup_schedule():
@@ -262,6 +303,24 @@ def test_convert_norms_indivisible_error_and_gcd():
         convert_norms(model, to="gn", num_groups=32)
     out = convert_norms(model, to="gn", num_groups=32, on_indivisible="gcd")
     assert out[1][0].num_groups == 8
+
+
+@pytest.mark.parametrize("cls", [GroupNorm, nn.GroupNorm])
+def test_group_norm_classes_as_kind(cls):
+    assert norm_layer(cls, 8, num_groups=2).num_groups == 2
+    assert norm_layer(cls, 64).num_groups == 32  # the family's default G
+    model = nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24))
+    out = convert_norms(model, to=cls, num_groups=8)
+    assert type(out[1]) is cls and out[1].num_groups == 8
+    with pytest.raises(ValueError, match=r"1 \(BatchNorm2d, 24 channels\).*num_groups=16"):
+        convert_norms(nn.Sequential(nn.Conv2d(3, 24, 1), nn.BatchNorm2d(24)), to=cls,
+                      num_groups=16)
+    gcd = convert_norms(nn.Sequential(nn.BatchNorm2d(24)), to=cls, num_groups=16,
+                        on_indivisible="gcd")
+    assert gcd[0].num_groups == 8
+    if cls is GroupNorm:
+        assert norm_layer(cls, 8, group_size=2).num_groups == 4
+        assert convert_norms(nn.BatchNorm2d(12), to=cls, group_size=3).num_groups == 4
 
 
 def test_convert_norms_root_group_size_and_back_to_bn():

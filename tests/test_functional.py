@@ -66,11 +66,49 @@ def test_forward_backward_vs_float64(shape, groups, fmt, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", CORE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,fmt", list(_case_table()))
-def test_matches_torch_functional(shape, groups, fmt, backend):
-    x, w, b = _inputs(shape, torch.float32, fmt)
-    torch.testing.assert_close(group_norm(x, groups, w, b, backend=backend),
-                               F.group_norm(x, groups, w, b), atol=1e-5, rtol=1e-5)
+def test_matches_torch_functional(shape, groups, fmt, dtype, backend):
+    """Values and x/γ/β gradients against torch's own GroupNorm (F.group_norm's aten op)."""
+    x, w, b = _inputs(shape, dtype, fmt)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    ours = group_norm(*leaves[:1], groups, *leaves[1:], backend=backend)
+    mine = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
+    # F.group_norm itself refuses (1, C, 1, 1) ("more than 1 value per channel", a BatchNorm
+    # check); the aten op it calls does not.
+    theirs = torch.group_norm(mine[0], groups, mine[1], mine[2], 1e-5)
+    # Both round the same fp32 result to the dtype; low precision differs by about an ulp.
+    atol, rtol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
+                  torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 8e-3)}[dtype]
+    torch.testing.assert_close(ours, theirs, atol=atol, rtol=rtol)
+    dy = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    got = torch.autograd.grad(ours, leaves, dy)
+    want = torch.autograd.grad(theirs, mine, dy)
+    # dγ, dβ sum over N·spatial values (up to 150 here) rounded to the dtype by both sides
+    for name, g_ours, g_theirs in zip("x w b".split(), got, want, strict=True):
+        scale = 1.0 if name == "x" else 1 + g_theirs.abs().max().item()
+        torch.testing.assert_close(g_ours, g_theirs, atol=4 * atol * scale, rtol=4 * rtol,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", [*CORE_BACKENDS, "cpu"])
+def test_bf16_statistics_are_fp32(backend):
+    """bf16 input with an offset: its statistics must be accumulated in fp32.
+
+    x = 64 + randn over 4096 values per group. bf16 holds 64 + z with a step of 0.5, so the
+    *input* is coarse but exact; a mean or variance accumulated in bf16 would lose the unit
+    variance entirely (64² = 4096 with an 8-bit mantissa), while fp32 statistics give the
+    float64 answer on the same bf16 input to about an output ulp.
+    """
+    x = (torch.randn(2, 32, 16, 16, generator=torch.Generator().manual_seed(5)) + 64).bfloat16()
+    ref = group_norm_reference(x.double(), 2)
+    y = group_norm(x, 2, backend=backend)
+    assert (y.double() - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item() * 2
+    naive = x.reshape(2, 2, -1)  # the same formula with bf16 accumulation fails the bound
+    m = naive.mean(-1, keepdim=True, dtype=torch.bfloat16)
+    v = ((naive - m) ** 2).mean(-1, keepdim=True, dtype=torch.bfloat16)
+    bad = ((naive - m) / torch.sqrt(v + 1e-5)).reshape(x.shape)
+    assert (bad.double() - ref).abs().max().item() > 2 ** -8 * ref.abs().max().item() * 2
 
 
 def test_group_size_equals_num_groups():
@@ -158,24 +196,31 @@ def test_fp16_large_magnitude_no_overflow(backend):
     assert (y.double() - ref).abs().max().item() < 4e-3 * ref.abs().max().item()
 
 
-@pytest.mark.parametrize("backend", CORE_BACKENDS)
-def test_nan_and_inf_propagate(backend):
-    x = torch.randn(2, 4, 3, 3)
+@pytest.mark.parametrize("backend", [*CORE_BACKENDS, "cpu"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape", [(2, 4, 3, 3), (2, 64, 64, 48)], ids=["tiny", "auto-uses-cpu"])
+def test_nan_and_inf_propagate(backend, fmt, shape):
+    x = torch.randn(shape)
     x[0, 0, 0, 0] = float("nan")
-    x[1, 3, 1, 1] = float("inf")
+    x[1, -1, 1, 1] = float("inf")
+    x = x.contiguous(memory_format=fmt)
     y = group_norm(x, 2, backend=backend)
-    assert torch.isnan(y[0, :2]).all(), "the NaN's group becomes NaN"
-    assert torch.isfinite(y[0, 2:]).all() and torch.isfinite(y[1, :2]).all(), "others untouched"
-    assert not torch.isfinite(y[1, 2:]).any()
+    h = shape[1] // 2
+    assert torch.isnan(y[0, :h]).all(), "the NaN's group becomes NaN"
+    assert torch.isfinite(y[0, h:]).all() and torch.isfinite(y[1, :h]).all(), "others untouched"
+    assert torch.isnan(y[1, h:]).all(), "the Inf's group becomes NaN (Inf - Inf), as torch's"
 
 
 @pytest.mark.parametrize("backend", CORE_BACKENDS)
 def test_empty_batch(backend):
     x = torch.randn(0, 8, 4, 4, requires_grad=True)
-    y = group_norm(x, 4, torch.ones(8), torch.zeros(8), backend=backend)
+    w, b = torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    y = group_norm(x, 4, w, b, backend=backend)
     assert y.shape == (0, 8, 4, 4)
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+    # as torch.nn.GroupNorm: zero (not missing) gradients for γ and β
+    assert torch.equal(w.grad, torch.zeros(8)) and torch.equal(b.grad, torch.zeros(8))
 
 
 # --- bad input ------------------------------------------------------------------------------

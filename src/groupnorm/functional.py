@@ -149,8 +149,9 @@ def group_norm(
     _check_inputs(x, num_channels, weight, bias, residual, activation, eps)
     g = resolve_num_groups(num_channels, num_groups, group_size)
     if x.numel() == 0:
-        # N = 0 (or an empty spatial axis): the result is empty, but keep autograd connected.
-        return x * 0 if residual is None else x * 0 + residual * 0
+        # N = 0 (or an empty spatial axis): an empty result; aten gives x, γ and β (zero)
+        # gradients as torch.nn.GroupNorm does.
+        return _torch_backend(x, g, weight, bias, eps, activation, residual)
     if backend == "reference":
         return group_norm_reference(x, g, weight, bias, eps, activation, residual)
     if backend == "auto":

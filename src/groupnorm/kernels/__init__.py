@@ -19,10 +19,16 @@ import os
 import torch
 from torch import Tensor
 
-from groupnorm.kernels.ops import ACT_CODES, dense_layout, is_channels_last, run_backend
-from groupnorm.reference import memory_format_of
+from groupnorm.kernels.ops import (
+    ACT_CODES,
+    dense_layout,
+    is_channels_last,
+    run_backend,
+    strides_like,
+)
 
-__all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available"]
+__all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available",
+           "CPU_AUTO_TABLE", "CUDA_AUTO_TABLE"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -37,15 +43,19 @@ def _cpu_ext_ready() -> bool:
     return cpu_ext.load_cpu_ext()
 
 
-@torch.compiler.assume_constant_result
 @functools.cache
-def triton_available() -> bool:
-    """True when ``import triton`` works (kernels also need CUDA or ``TRITON_INTERPRET=1``)."""
+def _import_triton() -> bool:
     try:
         import triton  # noqa: F401
     except Exception:  # noqa: BLE001 - a broken install counts as missing
         return False
     return True
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    """True when ``import triton`` works (kernels also need CUDA or ``TRITON_INTERPRET=1``)."""
+    return _import_triton()
 
 
 @torch.compiler.assume_constant_result
@@ -77,19 +87,30 @@ CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
 # dtypes measured on the C++ path (fp16 shares bf16's code but has not been benchmarked).
 CPU_AUTO_DTYPES = (torch.float32, torch.bfloat16)
 
+# backend="auto" on CUDA, same keys and rule as CPU_AUTO_TABLE. Empty (always torch) until the
+# Triton kernels have been measured on a GPU: they are tested under the interpreter and compile
+# for sm_80/sm_90, but have never run on real CUDA in this project (BENCHMARKS.md), and "auto"
+# must not pick a backend that was not measured at least as fast as torch. Fill it from
+# `groupnorm bench --device cuda`; backend="triton" runs them explicitly.
+CUDA_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
+    key: None for key in CPU_AUTO_TABLE
+}
+
 
 def auto_backend(x: Tensor, num_groups: int, activation: str | None,
                  residual: Tensor | None) -> str:
     """The backend ``backend="auto"`` uses for this input: "triton", "cpu" or "torch"."""
     if x.dim() < 2 or x.numel() == 0:
         return "torch"
+    training = torch.is_grad_enabled() and x.requires_grad
+    key = (is_channels_last(x), activation is not None or residual is not None, training)
     if x.is_cuda:
-        ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
+        span = CUDA_AUTO_TABLE[key]
+        ok = (span is not None and span[0] <= x.numel() < span[1] and triton_available()
+              and x.dtype in (torch.float32, torch.float16, torch.bfloat16))
         return "triton" if ok else "torch"
     if x.device.type != "cpu" or x.dtype not in CPU_AUTO_DTYPES:
         return "torch"
-    training = torch.is_grad_enabled() and x.requires_grad
-    key = (is_channels_last(x), activation is not None or residual is not None, training)
     span = CPU_AUTO_TABLE[key]
     if span is None or not span[0] <= x.numel() < span[1] or not _cpu_ext_ready():
         return "torch"
@@ -139,14 +160,13 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
     x = dense_layout(x)
     C = x.shape[1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    w = weight.to(acc) if weight is not None else x.new_ones(C, dtype=acc)
-    b = bias.to(acc) if bias is not None else x.new_zeros(C, dtype=acc)
+    # The kernels index γ and β as dense (C,) arrays: a strided or expanded weight is copied.
+    w = weight.to(acc).contiguous() if weight is not None else x.new_ones(C, dtype=acc)
+    b = bias.to(acc).contiguous() if bias is not None else x.new_zeros(C, dtype=acc)
     if residual is not None:
         if residual.shape != x.shape:
             raise ValueError(f"residual shape {tuple(residual.shape)} != x shape "
                              f"{tuple(x.shape)}; pass a residual of the same shape")
-        residual = residual.to(dtype=x.dtype)
-        if residual.stride() != x.stride():
-            residual = residual.contiguous(memory_format=memory_format_of(x))
+        residual = strides_like(residual.to(dtype=x.dtype), x)
     return run_backend(backend, x, w, b, residual, num_groups, float(eps), ACT_CODES[activation])
 

@@ -9,7 +9,9 @@ load the shared object. If there is no compiler or the build fails, :func:`load_
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,21 @@ import torch
 SOURCE = Path(__file__).with_name("cpu") / "gn_cpu.cpp"
 # -march=native: the cache lives on the machine that built it; the kernel loops rely on AVX2/512.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+
+
+def cpu_tag() -> str:
+    """A short hash of this CPU's instruction-set flags, part of the extension's name.
+
+    The build uses -march=native; a cache directory shared by different machines (an NFS home)
+    then keeps one build per kind of CPU instead of loading one that may crash with SIGILL.
+    """
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
 @functools.cache
@@ -29,7 +46,7 @@ def load_cpu_ext() -> bool:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name="groupnorm_cpu_ext",
+            name=f"groupnorm_cpu_ext_{cpu_tag()}",
             sources=[str(SOURCE)],
             extra_cflags=CFLAGS,
             extra_ldflags=["-fopenmp"],

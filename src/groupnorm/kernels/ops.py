@@ -40,6 +40,15 @@ def dense_layout(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
+def strides_like(t: Tensor, x: Tensor) -> Tensor:
+    """t (x's shape) with exactly x's strides: itself, or a copy when they differ.
+
+    Two tensors dense in the same layout can still differ in the strides of size-1 dims (e.g.
+    a permuted (8, 1, H, W)); the kernels walk both with one set of strides.
+    """
+    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+
+
 def _fake_fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
               eps: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
     stats = x.new_empty((x.shape[0], num_groups), dtype=weight.dtype)
@@ -91,8 +100,8 @@ def _cpu_fwd(x, weight, bias, residual, num_groups, eps, act):
 
 
 def _cpu_bwd(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need_dz):
-    return torch.ops.groupnorm_cpu.bwd(dy, x, weight, bias, residual, mean, rstd, num_groups,
-                                       act, is_channels_last(x), need_dz)
+    return torch.ops.groupnorm_cpu.bwd(strides_like(dy, x), x, weight, bias, residual, mean,
+                                       rstd, num_groups, act, is_channels_last(x), need_dz)
 
 
 def _triton_fwd(x, weight, bias, residual, num_groups, eps, act):

@@ -31,10 +31,14 @@ fused).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from groupnorm.kernels.ops import strides_like
 
 _SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2 pi)
@@ -67,16 +71,25 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
-def _program_slice(G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C: tl.constexpr):
+def _program_slice(G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C: tl.constexpr,
+                   EVEN_C: tl.constexpr):
     """This program's sample n, its group's channels (chan, mask_c), their element offsets at
-    s = 0 (off_c), and its slice [s_start, s_end) of the spatial range."""
+    s = 0 (off_c), and its slice [s_start, s_end) of the spatial range.
+
+    EVEN_C (C/G == BLOCK_C) makes the channel mask a compile-time constant, so that rows of a
+    channels-last tile load and store as vectors (with a runtime CG the mask stops that).
+    """
     pid = tl.program_id(0)  # n * G + g
     sid = tl.program_id(1)  # slice
     n = pid // G
     g = pid % G
     offs_c = tl.arange(0, BLOCK_C)
-    mask_c = offs_c < CG
-    chan = g * CG + offs_c
+    if EVEN_C:  # g * BLOCK_C: the compiler knows the group's first channel is aligned
+        mask_c = offs_c < BLOCK_C
+        chan = g * BLOCK_C + offs_c
+    else:
+        mask_c = offs_c < CG
+        chan = g * CG + offs_c
     off_c = n.to(tl.int64) * stride_n + chan.to(tl.int64) * stride_c
     s_start = sid * S_PER_SPLIT
     s_end = tl.minimum(S, s_start + S_PER_SPLIT)
@@ -119,9 +132,10 @@ def _gn_fwd_stats_kernel(
     SPLIT: tl.constexpr,  # slices per group (power of two)
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile, next power of two >= CG
+    EVEN_C: tl.constexpr,  # CG == BLOCK_C (no channel mask)
 ):
     pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
-        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C, EVEN_C)
     mean = 0.0
     m2 = 0.0
     cnt = 0.0
@@ -163,9 +177,10 @@ def _gn_fwd_apply_kernel(
     HAS_RES: tl.constexpr,  # whether a residual is added before the activation
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
+    EVEN_C: tl.constexpr,  # CG == BLOCK_C (no channel mask)
 ):
     pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
-        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C, EVEN_C)
     # merge the SPLIT partials (Chan): fixed order, so every slice computes identical stats
     offs_p = tl.arange(0, SPLIT)
     pm = tl.load(PMEAN + pid * SPLIT + offs_p)
@@ -215,9 +230,10 @@ def _gn_bwd_reduce_kernel(
     HAS_RES: tl.constexpr,  # whether z includes a residual
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
+    EVEN_C: tl.constexpr,  # CG == BLOCK_C (no channel mask)
 ):
     pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
-        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C, EVEN_C)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
     w = tl.load(W + chan, mask=mask_c, other=0.0)
@@ -263,19 +279,21 @@ def _gn_bwd_dx_kernel(
     STORE_DZ: tl.constexpr,  # whether to write dz (residual gradient with a fused activation)
     BLOCK_S: tl.constexpr,  # spatial tile
     BLOCK_C: tl.constexpr,  # channel tile
+    EVEN_C: tl.constexpr,  # CG == BLOCK_C (no channel mask)
 ):
     pid, sid, n, chan, mask_c, off_c, s_start, s_end = _program_slice(
-        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C)
+        G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C, EVEN_C)
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
     w = tl.load(W + chan, mask=mask_c, other=0.0)
     b = tl.load(B + chan, mask=mask_c, other=0.0)
-    # c1, c2 from this group's partials over all slices (a fixed-shape tree sum)
-    offs_p = tl.arange(0, SPLIT)
-    poff = (n * SPLIT + offs_p)[:, None] * C + chan[None, :]
-    pmask = (offs_p < SPLIT)[:, None] & mask_c[None, :]
-    ds = tl.sum(tl.load(PDS + poff, mask=pmask, other=0.0), axis=0)
-    db = tl.sum(tl.load(PDB + poff, mask=pmask, other=0.0), axis=0)
+    # c1, c2 from this group's partials over all slices, summed in slice order (one [BLOCK_C]
+    # row at a time: a [SPLIT, BLOCK_C] block spills registers for wide groups)
+    ds = tl.zeros((BLOCK_C,), tl.float32)
+    db = tl.zeros((BLOCK_C,), tl.float32)
+    for i in range(0, SPLIT):
+        ds += tl.load(PDS + (n * SPLIT + i) * C + chan, mask=mask_c, other=0.0)
+        db += tl.load(PDB + (n * SPLIT + i) * C + chan, mask=mask_c, other=0.0)
     c1 = tl.sum(w * ds, axis=0) * inv_m
     c2 = tl.sum(w * db, axis=0) * inv_m
     a = w * rstd
@@ -322,8 +340,15 @@ def _view_nsc(x: Tensor) -> tuple[int, int, int, int, int, int]:
     return n, s, c, c * s, 1, s
 
 
+#: Test hook: entries here override what :func:`_launch_config` picks (e.g. ``SPLIT`` and
+#: ``BLOCK_S``, to run the split and multi-tile paths on tiny shapes under the interpreter).
+LAUNCH_OVERRIDES: dict[str, int] = {}
+
+
 def _launch_config(x: Tensor, n: int, g: int, s: int, cg: int) -> dict:
     """Tile sizes, warps and the split count for one input (the launch heuristics)."""
+    if LAUNCH_OVERRIDES:
+        return _overridden(x, n, g, s, cg)
     block_c = triton.next_power_of_2(cg)
     interp = not x.is_cuda
     tile = 256 if interp else 4096  # elements per tile; tiny under the interpreter
@@ -338,8 +363,25 @@ def _launch_config(x: Tensor, n: int, g: int, s: int, cg: int) -> dict:
         split *= 2
     s_per = triton.cdiv(triton.cdiv(s, split), block_s) * block_s
     warps = 1 if interp else min(8, max(1, block_s * block_c // 512))
-    return dict(BLOCK_S=block_s, BLOCK_C=block_c, SPLIT=split, S_PER_SPLIT=s_per,
-                num_warps=warps)
+    return dict(BLOCK_S=block_s, BLOCK_C=block_c, EVEN_C=block_c == cg, SPLIT=split,
+                S_PER_SPLIT=s_per, num_warps=warps)
+
+
+def _overridden(x: Tensor, n: int, g: int, s: int, cg: int) -> dict:
+    saved = dict(LAUNCH_OVERRIDES)
+    LAUNCH_OVERRIDES.clear()
+    try:
+        cfg = {**_launch_config(x, n, g, s, cg), **saved}
+    finally:
+        LAUNCH_OVERRIDES.update(saved)
+    # slices stay whole tiles; with a forced SPLIT some may start past S (and must write zeros)
+    cfg["S_PER_SPLIT"] = triton.cdiv(triton.cdiv(s, cfg["SPLIT"]), cfg["BLOCK_S"]) * cfg["BLOCK_S"]
+    return cfg
+
+
+def _on_device(x: Tensor):
+    """Launch on x's GPU, not the current one (multi-GPU processes)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def gn_forward(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
@@ -357,14 +399,15 @@ def gn_forward(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
     split = cfg["SPLIT"]
     part = torch.empty((3, n * g, split), device=x.device, dtype=torch.float32)
     grid = (n * g, split)
-    _gn_fwd_stats_kernel[grid](x, part[0], part[1], part[2], s, g, cg, sn, ss, sc,
-                               cfg["S_PER_SPLIT"], SPLIT=split, BLOCK_S=cfg["BLOCK_S"],
-                               BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    tiles = dict(SPLIT=split, BLOCK_S=cfg["BLOCK_S"], BLOCK_C=cfg["BLOCK_C"],
+                 EVEN_C=cfg["EVEN_C"], num_warps=cfg["num_warps"])
     res = residual if residual is not None else x
-    _gn_fwd_apply_kernel[grid](x, res, y, weight, bias, part[0], part[1], part[2], mean, rstd,
-                               s, g, cg, eps, sn, ss, sc, cfg["S_PER_SPLIT"], SPLIT=split,
-                               ACT=act, HAS_RES=residual is not None, BLOCK_S=cfg["BLOCK_S"],
-                               BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
+    with _on_device(x):
+        _gn_fwd_stats_kernel[grid](x, part[0], part[1], part[2], s, g, cg, sn, ss, sc,
+                                   cfg["S_PER_SPLIT"], **tiles)
+        _gn_fwd_apply_kernel[grid](x, res, y, weight, bias, part[0], part[1], part[2], mean,
+                                   rstd, s, g, cg, eps, sn, ss, sc, cfg["S_PER_SPLIT"], ACT=act,
+                                   HAS_RES=residual is not None, **tiles)
     return y, mean, rstd
 
 
@@ -375,10 +418,7 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: T
     n, s, c, sn, ss, sc = _view_nsc(x)
     g = num_groups
     cg = c // g
-    dy = dy.contiguous(memory_format=torch.contiguous_format if ss == 1 or x.dim() <= 2
-                       else (torch.channels_last if x.dim() == 4 else torch.channels_last_3d))
-    if dy.stride() != x.stride():  # e.g. ambiguous strides of size-1 dims
-        dy = torch.empty_like(x).copy_(dy)
+    dy = strides_like(dy, x)  # the kernels walk dy with x's strides
     dx = torch.empty_like(x)
     dz = torch.empty_like(x) if need_dz else x.new_empty((0,))
     dw = torch.zeros(c, device=x.device, dtype=torch.float32)
@@ -393,12 +433,14 @@ def gn_backward(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: T
     res = residual if has_res else x
     grid = (n * g, split)
     common = dict(SPLIT=split, ACT=act, HAS_RES=has_res, BLOCK_S=cfg["BLOCK_S"],
-                  BLOCK_C=cfg["BLOCK_C"], num_warps=cfg["num_warps"])
-    _gn_bwd_reduce_kernel[grid](dy, x, res, weight, bias, mean, rstd, pds, pdb, s, c, g, cg,
-                                sn, ss, sc, cfg["S_PER_SPLIT"], **common)
-    _gn_bwd_dx_kernel[grid](dy, x, res, weight, bias, mean, rstd, pds, pdb, dx,
-                            dz if need_dz else dx, s, c, g, cg, 1.0 / (cg * s), sn, ss, sc,
-                            cfg["S_PER_SPLIT"], STORE_DZ=need_dz, **common)
+                  BLOCK_C=cfg["BLOCK_C"], EVEN_C=cfg["EVEN_C"], num_warps=cfg["num_warps"])
     block = 128
-    _gn_bwd_dwdb_kernel[(triton.cdiv(c, block),)](pds, pdb, dw, db, n * split, c, BLOCK=block)
+    with _on_device(x):
+        _gn_bwd_reduce_kernel[grid](dy, x, res, weight, bias, mean, rstd, pds, pdb, s, c, g, cg,
+                                    sn, ss, sc, cfg["S_PER_SPLIT"], **common)
+        _gn_bwd_dx_kernel[grid](dy, x, res, weight, bias, mean, rstd, pds, pdb, dx,
+                                dz if need_dz else dx, s, c, g, cg, 1.0 / (cg * s), sn, ss, sc,
+                                cfg["S_PER_SPLIT"], STORE_DZ=need_dz, **common)
+        _gn_bwd_dwdb_kernel[(triton.cdiv(c, block),)](pds, pdb, dw, db, n * split, c,
+                                                      BLOCK=block)
     return dx, dw.to(weight.dtype), db.to(bias.dtype), dz

@@ -27,7 +27,16 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["BatchNorm", "BatchRenorm", "SyncBatchNorm", "set_virtual_batch", "uses_batch_stats"]
 
 
-def _check_rank(x: torch.Tensor, num_features: int) -> None:
+# dim -> the input ranks of torch's BatchNorm{dim}d: 1d takes (N, C) or (N, C, L)
+_RANKS = {1: (2, 3), 2: (4,), 3: (5,)}
+
+
+def _check_rank(x: torch.Tensor, num_features: int, dim: int | None = None) -> None:
+    if dim is not None and x.dim() not in _RANKS[dim]:
+        raise ValueError(
+            f"BatchNorm with dim={dim} (BatchNorm{dim}d) expects input of ndim "
+            f"{' or '.join(map(str, _RANKS[dim]))}, got ndim={x.dim()} with shape "
+            f"{tuple(x.shape)}; pass dim=None to take any rank")
     if not 2 <= x.dim() <= 5:
         raise ValueError(
             f"expected input of shape (N, C) or (N, C, *spatial) with ndim 2-5, got shape "
@@ -67,6 +76,7 @@ class BatchNorm(_BatchNorm):
         num_features: C, the number of channels.
         eps, momentum, affine, track_running_stats: as in :class:`torch.nn.BatchNorm2d`.
         virtual_batch: per-worker batch n for the statistics (None: the whole batch).
+        dim: 1, 2 or 3 to accept only the input ranks of ``BatchNorm1d/2d/3d`` (None: any).
 
     Shape:
         Input (N, C) or (N, C, *spatial) with 1-3 spatial dims; output the same.
@@ -74,13 +84,17 @@ class BatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 virtual_batch: int | None = None, device=None, dtype=None) -> None:
+                 virtual_batch: int | None = None, dim: int | None = None, device=None,
+                 dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
+        if dim is not None and dim not in _RANKS:
+            raise ValueError(f"dim must be None, 1, 2 or 3 (BatchNorm1d/2d/3d), got {dim!r}")
         self.virtual_batch = virtual_batch
+        self.dim = dim
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
-        _check_rank(input, self.num_features)
+        _check_rank(input, self.num_features, self.dim)
 
     def _use_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats
@@ -100,45 +114,60 @@ class BatchNorm(_BatchNorm):
             y = y + self.bias.reshape(shape)
         return y
 
-    def _update_running(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-        """Fold batch statistics (per chunk, averaged) into the running buffers."""
+    def _update_running(self, stats: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+        """Fold one step's batch statistics into the running buffers (and count the step once).
+
+        ``stats`` holds (mean, biased var, samples per channel) per group of chunks of equal
+        size; every chunk (worker) weighs the same, as if the workers' buffers were averaged.
+        """
         if not (self.training and self.track_running_stats):
             return
         factor = self._momentum()
+        c = self.num_features
         with torch.no_grad():
-            unbiased = var * (count / max(count - 1, 1))
-            self.running_mean.lerp_(mean.reshape(-1, self.num_features).mean(0).to(
-                self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased.reshape(-1, self.num_features).mean(0).to(
-                self.running_var.dtype), factor)
+            means = torch.cat([m.reshape(-1, c) for m, _, _ in stats])
+            unbiased = torch.cat([(v * (n / max(n - 1, 1))).reshape(-1, c) for _, v, n in stats])
+            self.running_mean.lerp_(means.mean(0).to(self.running_mean.dtype), factor)
+            self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
 
     def _normalize_chunks(self, xf: torch.Tensor, mean: torch.Tensor,
                           var: torch.Tensor) -> torch.Tensor:
         """Normalize (W, n, C, L) chunks with their own statistics; Batch Renorm overrides."""
         return (xf - mean) * torch.rsqrt(var + self.eps)
 
-    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _chunked(self, x: torch.Tensor, chunk: int
+                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
+        """Normalize x in chunks of ``chunk`` samples, each with its own statistics; returns y and
+        the statistics (not yet folded into the running buffers)."""
         from ..reference import memory_format_of
 
         xf, mean, var, count = _chunk_stats(x, chunk)
-        self._update_running(mean, var, count)
         y = self._affine(self._normalize_chunks(xf, mean, var), (1, 1, self.num_features, 1))
-        return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+        y = y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
+        return y, (mean, var, count)
+
+    def _forward_workers(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """BN on ceil(N / n) workers of n samples (the last one smaller when n does not divide
+        N, as in the last batch of an epoch); the running statistics are updated once."""
+        if x.shape[0] % n == 0:
+            y, stats = self._chunked(x, n)
+            self._update_running([stats])
+            return y
+        parts = [self._chunked(p, p.shape[0]) for p in torch.split(x, n)]
+        self._update_running([stats for _, stats in parts])
+        return torch.cat([y for y, _ in parts])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         vb = self.virtual_batch
         if self._use_batch_stats() and vb is not None and input.shape[0] > vb:
-            if input.shape[0] % vb == 0:
-                return self._forward_chunked(input, vb)
-            # Uneven tail (last batch of an epoch): chunks of vb plus one smaller chunk.
-            return torch.cat([self._forward_chunked(part, part.shape[0])
-                              for part in torch.split(input, vb)])
+            return self._forward_workers(input, vb)
         return super().forward(input)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s + (f", virtual_batch={self.virtual_batch}" if self.virtual_batch else "")
+        s += f", virtual_batch={self.virtual_batch}" if self.virtual_batch else ""
+        return s + (f", dim={self.dim}" if self.dim is not None else "")
 
 
 class BatchRenorm(BatchNorm):
@@ -165,7 +194,8 @@ class BatchRenorm(BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
                  affine: bool = True, *, r_max: float = 3.0, d_max: float = 5.0,
                  warmup_steps: int = 5000, r_max_steps: int = 40000, d_max_steps: int = 25000,
-                 virtual_batch: int | None = None, device=None, dtype=None) -> None:
+                 virtual_batch: int | None = None, dim: int | None = None, device=None,
+                 dtype=None) -> None:
         if r_max < 1 or d_max < 0:
             raise ValueError(f"need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}")
         if not 0 <= warmup_steps <= min(r_max_steps, d_max_steps) and (r_max > 1 or d_max > 0):
@@ -173,7 +203,7 @@ class BatchRenorm(BatchNorm):
                 f"need 0 <= warmup_steps ({warmup_steps}) <= r_max_steps ({r_max_steps}) and "
                 f"d_max_steps ({d_max_steps})")
         super().__init__(num_features, eps, momentum, affine, True, virtual_batch=virtual_batch,
-                         device=device, dtype=dtype)
+                         dim=dim, device=device, dtype=dtype)
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.warmup_steps = warmup_steps
         self.r_max_steps, self.d_max_steps = r_max_steps, d_max_steps
@@ -201,26 +231,15 @@ class BatchRenorm(BatchNorm):
                 -d_max, d_max)
         return (xf - mean) / std * r + d
 
-    def _forward_chunked(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
-        # r and d use the running statistics *before* this step's update; so does BN's formula.
-        self._limits = self.current_limits()
-        from ..reference import memory_format_of
-
-        xf, mean, var, count = _chunk_stats(x, chunk)
-        y = self._affine(self._normalize_chunks(xf, mean, var), (1, 1, self.num_features, 1))
-        self._update_running(mean, var, count)
-        return y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         if not self.training:
             return super().forward(input)
+        # r and d use the running statistics *before* this step's update (which comes after
+        # every chunk is normalized) and the limits of this step of the warm-up schedule.
+        self._limits = self.current_limits()
         vb = self.virtual_batch
-        if vb is None or input.shape[0] <= vb:
-            return self._forward_chunked(input, input.shape[0])
-        return torch.cat([self._forward_chunked(part, part.shape[0])
-                          for part in torch.split(input, vb)]) if input.shape[0] % vb else \
-            self._forward_chunked(input, vb)
+        return self._forward_workers(input, input.shape[0] if vb is None else min(vb, len(input)))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
@@ -261,10 +280,10 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 process_group=None, virtual_batch: int | None = None, device=None,
-                 dtype=None) -> None:
+                 process_group=None, virtual_batch: int | None = None, dim: int | None = None,
+                 device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         virtual_batch=virtual_batch, device=device, dtype=dtype)
+                         virtual_batch=virtual_batch, dim=dim, device=device, dtype=dtype)
         self.process_group = process_group
 
     def _world(self) -> int:
@@ -290,7 +309,7 @@ class SyncBatchNorm(BatchNorm):
         var = sq / count.to(sq.dtype)
         shape = (1, c) + (1,) * (input.dim() - 2)
         y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
-        self._update_running(mean.detach(), var.detach(), int(count.item()))
+        self._update_running([(mean.detach(), var.detach(), int(count.item()))])
         y = self._affine(y, shape)
         return y.to(input.dtype).contiguous(memory_format=memory_format_of(input))
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .factory import get_norm_layer, split_ws
+from .factory import get_norm_layer, is_group_norm_class, split_ws
 from .groupnorm import GroupNorm
 
 __all__ = ["convert_norms", "is_norm"]
@@ -35,7 +35,7 @@ def _convert_one(path: str, old: nn.Module, to: Any, num_groups: int | None,
     c = _channels(old)
     opts = dict(options)
     name = split_ws(to)[0] if isinstance(to, str) else None
-    if name in ("gn", "groupnorm"):
+    if name in ("gn", "groupnorm") or is_group_norm_class(to):
         # Exactly one of the two is set (convert_norms clears num_groups when group_size is given).
         key, value = ("group_size", group_size) if group_size is not None else (
             "num_groups", 32 if num_groups is None else num_groups)
@@ -81,8 +81,9 @@ def convert_norms(
     Args:
         model: the module to convert.
         to: the target kind: a name of the family ("gn", "bn", "syncbn", ...), a class or partial.
-        num_groups: G for ``to="gn"`` (default 32).
-        group_size: channels per group for ``to="gn"``, instead of ``num_groups``.
+        num_groups: G for ``to="gn"`` or a GroupNorm class (default 32).
+        group_size: channels per group for ``to="gn"`` (or our GroupNorm), instead of
+            ``num_groups``.
         on_indivisible: ``"error"`` (name the module and numbers) or ``"gcd"`` (use
             gcd(G, C) groups, as opacus does).
         **options: other options of the target kind (eps, momentum, ...).

@@ -8,7 +8,7 @@ kind      layer                                                        options
 ========  ===========================================================  =====================
 "bn"      :class:`BatchNorm` (1d/2d/3d by input rank, virtual workers)  eps, momentum, affine,
                                                                         track_running_stats,
-                                                                        virtual_batch
+                                                                        virtual_batch, dim
 "gn"      :class:`GroupNorm` (default G = 32)                           num_groups, group_size,
                                                                         eps, affine, activation,
                                                                         backend, on_indivisible
@@ -36,14 +36,16 @@ from torch import nn
 from .batchnorm import BatchNorm, BatchRenorm, SyncBatchNorm
 from .groupnorm import GroupNorm
 
-__all__ = ["norm_layer", "get_norm_layer", "split_ws", "NORM_KINDS", "register_norm"]
+__all__ = ["norm_layer", "get_norm_layer", "split_ws", "is_group_norm_class", "NORM_KINDS",
+           "register_norm"]
 
 
 def _bn(num_channels: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
         affine: bool = True, track_running_stats: bool = True,
-        virtual_batch: int | None = None, device: Any = None, dtype: Any = None) -> nn.Module:
+        virtual_batch: int | None = None, dim: int | None = None, device: Any = None,
+        dtype: Any = None) -> nn.Module:
     return BatchNorm(num_channels, eps, momentum, affine, track_running_stats,
-                     virtual_batch=virtual_batch, device=device, dtype=dtype)
+                     virtual_batch=virtual_batch, dim=dim, device=device, dtype=dtype)
 
 
 def _gn(num_channels: int, *, num_groups: int | None = None, group_size: int | None = None,
@@ -78,19 +80,19 @@ def _in(num_channels: int, *, eps: float = 1e-5, affine: bool = True, backend: s
 def _brn(num_channels: int, *, eps: float = 1e-5, momentum: float | None = 0.01,
          affine: bool = True, r_max: float = 3.0, d_max: float = 5.0, warmup_steps: int = 5000,
          r_max_steps: int = 40000, d_max_steps: int = 25000, virtual_batch: int | None = None,
-         device: Any = None, dtype: Any = None) -> nn.Module:
+         dim: int | None = None, device: Any = None, dtype: Any = None) -> nn.Module:
     return BatchRenorm(num_channels, eps, momentum, affine, r_max=r_max, d_max=d_max,
                        warmup_steps=warmup_steps, r_max_steps=r_max_steps,
-                       d_max_steps=d_max_steps, virtual_batch=virtual_batch, device=device,
-                       dtype=dtype)
+                       d_max_steps=d_max_steps, virtual_batch=virtual_batch, dim=dim,
+                       device=device, dtype=dtype)
 
 
 def _syncbn(num_channels: int, *, eps: float = 1e-5, momentum: float | None = 0.1,
             affine: bool = True, track_running_stats: bool = True, process_group: Any = None,
-            virtual_batch: int | None = None, device: Any = None,
+            virtual_batch: int | None = None, dim: int | None = None, device: Any = None,
             dtype: Any = None) -> nn.Module:
     return SyncBatchNorm(num_channels, eps, momentum, affine, track_running_stats,
-                         process_group=process_group, virtual_batch=virtual_batch,
+                         process_group=process_group, virtual_batch=virtual_batch, dim=dim,
                          device=device, dtype=dtype)
 
 
@@ -135,14 +137,30 @@ def _accepted(builder: Callable[..., Any]) -> set[str] | None:
     return {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
 
 
+def is_group_norm_class(kind: Any) -> bool:
+    """True for ``torch.nn.GroupNorm``, this package's :class:`GroupNorm` and their subclasses."""
+    return isinstance(kind, type) and issubclass(kind, nn.GroupNorm | GroupNorm)
+
+
+def _group_norm_builder(cls: type) -> Callable[..., nn.Module]:
+    """``make(num_channels, **options)`` for a GroupNorm class, whose first argument is G."""
+    def build(num_channels: int, **options: Any) -> nn.Module:
+        default = None if options.get("group_size") is not None else 32
+        return cls(options.pop("num_groups", default), num_channels, **options)
+
+    build.__name__ = cls.__name__
+    return build
+
+
 def get_norm_layer(kind: Any = "gn", *, strict: bool = True,
                    **options: Any) -> Callable[[int], nn.Module]:
     """Resolve a norm kind once; return ``make(num_channels) -> nn.Module``.
 
     Args:
         kind: a name from :data:`NORM_KINDS` (optionally with ``"+ws"``), an ``nn.Module``
-            subclass called as ``kind(num_channels, **options)``, a ``functools.partial`` or any
-            callable of that form, or None (no norm).
+            subclass called as ``kind(num_channels, **options)`` (a GroupNorm class as
+            ``kind(num_groups, num_channels, **options)``, G = 32 unless given), a
+            ``functools.partial`` or any callable of that form, or None (no norm).
         strict: if False, silently drop options the kind does not take (a sweep that sets
             ``num_groups`` for every norm); if True, such options are an error.
         **options: passed to the layer's constructor.
@@ -158,11 +176,14 @@ def get_norm_layer(kind: Any = "gn", *, strict: bool = True,
                 "(optionally with a '+ws' suffix), or pass a class or partial")
         builder: Callable[..., nn.Module] = _REGISTRY[name]
         label = name
+        accepted = _accepted(builder)
+    elif is_group_norm_class(kind):
+        builder, label, accepted = _group_norm_builder(kind), kind.__name__, _accepted(kind)
     elif callable(kind):
         builder, label = kind, getattr(kind, "__name__", repr(kind))
+        accepted = _accepted(builder)
     else:
         raise TypeError(f"norm kind must be a string, a class or a callable, got {kind!r}")
-    accepted = _accepted(builder)
     if accepted is not None:
         unknown = sorted(set(options) - accepted)
         if unknown and strict:

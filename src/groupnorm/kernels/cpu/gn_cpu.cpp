@@ -129,7 +129,11 @@ GN_INLINE float ld(c10::BFloat16 v) {
 }
 template <>
 GN_INLINE float ld(c10::Half v) {
+#ifdef __FLT16_MAX__  // _Float16 (x86 needs gcc >= 12); else c10's conversion (not vectorized)
   return static_cast<float>(__builtin_bit_cast(_Float16, v.x));
+#else
+  return static_cast<float>(v);
+#endif
 }
 template <typename T>
 GN_INLINE T st(at::opmath_type<T> v) {
@@ -143,7 +147,11 @@ GN_INLINE c10::BFloat16 st<c10::BFloat16>(float v) {
 }
 template <>
 GN_INLINE c10::Half st<c10::Half>(float v) {
+#ifdef __FLT16_MAX__
   return c10::Half(__builtin_bit_cast(uint16_t, static_cast<_Float16>(v)), c10::Half::from_bits());
+#else
+  return c10::Half(v);
+#endif
 }
 
 // Runs body(next_task) once on each of up to ntasks threads; next_task() hands out the task
@@ -307,7 +315,8 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
       const acc_t k = ld(xg[0]);
       double S1, S2;
       shifted_sums(xg, M, k, S1, S2);
-      const double var = std::max(0.0, S2 - S1 * S1 / M) / M;
+      // max(v, 0) keeps a NaN v (Inf or NaN in the group): the group's output is NaN, as torch's
+      const double var = std::max(S2 - S1 * S1 / M, 0.0) / M;
       const acc_t m = static_cast<acc_t>(static_cast<double>(k) + S1 / M);
       const acc_t rs = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
       mean[ng] = m;
@@ -395,7 +404,7 @@ void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part
         S2 += part2[k * C + c];
       }
       mc[cc] = static_cast<double>(ld(xn[c])) + S1 / S;
-      m2c[cc] = std::max(0.0, S2 - S1 * S1 / S);
+      m2c[cc] = std::max(S2 - S1 * S1 / S, 0.0);  // keeps NaN, see fwd_nchw
       gm += mc[cc];
     }
     gm /= Cg;
