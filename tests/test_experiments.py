@@ -152,6 +152,28 @@ def test_weight_decay_on_gamma_beta_is_switchable():
     decay, no_decay = param_groups(m, 1e-4, wd_norm=False)
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3
     assert no_decay["weight_decay"] == 0.0
+    # and the optimizer the harness builds has those groups
+    from groupnorm.experiments.train import make_optimizer
+
+    gamma = m[1].weight
+    for wd_norm, want in ((True, 1e-4), (False, 0.0)):
+        opt = make_optimizer(tiny(wd_norm=wd_norm, weight_decay=1e-4), m, 0.1)
+        (group,) = [g for g in opt.param_groups if any(p is gamma for p in g["params"])]
+        assert group["weight_decay"] == want
+
+
+def test_summary_is_the_median_of_the_last_k_epochs_of_the_final_phase():
+    from groupnorm.experiments.train import summarize
+
+    rows = [{"phase": "pretrain", "val_error": 1.0, "train_error": 0.0, "images_per_s": 1.0}]
+    rows += [{"phase": "train", "val_error": v, "train_error": 5.0, "images_per_s": 1.0}
+             for v in (90.0, 10.0, 30.0, 20.0, 50.0, 100.0)]
+    s = summarize(rows, report_last=5)
+    assert s["median_val_error"] == 30.0  # median of 10, 30, 20, 50, 100 (mean: 42)
+    assert summarize(rows, report_last=2)["median_val_error"] == 75.0
+    # k larger than the phase: all its epochs, never the pretraining ones
+    assert summarize(rows, report_last=10)["median_val_error"] == 40.0  # (30 + 50) / 2
+    assert s["final_val_error"] == 100.0 and s["best_val_error"] == 10.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +341,17 @@ def test_report_tables_plots_and_csv(small_db, tmp_path):
     runs_csv = (tmp_path / "rep" / "runs.csv").read_text().splitlines()
     assert len(runs_csv) == 1 + 8 and "config.norm" in runs_csv[0]
     assert len((tmp_path / "rep" / "epochs.csv").read_text().splitlines()) == 1 + 16
+
+
+def test_sweep_records_device_code_version_and_wall_time(small_db, tmp_path):
+    with Store(small_db) as s:
+        runs = s.runs(status="done")
+        sweeps = s.get_meta("sweeps")
+    assert all(r["device"].startswith("cpu (") and r["code_version"] for r in runs)
+    assert len({r["code_version"] for r in runs}) == 1  # read once per process
+    assert len(sweeps) == 1 and sweeps[0]["counts"]["done"] == 8 and sweeps[0]["wall_s"] > 0
+    md = build_report(small_db, tmp_path / "rep", plots=False).read_text()
+    assert "- sweep wall time " in md and "over 1 invocation(s) of the sweep command (jobs 1)" in md
 
 
 def test_report_is_deterministic(small_db, tmp_path):

@@ -139,3 +139,106 @@ def test_many_random_kills(tmp_path):
         proc.wait()
     subprocess.run(_sweep_cmd(preset, db), env=_env(), check=True, capture_output=True)
     assert _snapshot(db) == _snapshot(ref_db)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The tiny preset swept without interruption: the numbers every crashed sweep must end on."""
+    tmp = tmp_path_factory.mktemp("ref")
+    preset = tmp / "tiny.toml"
+    preset.write_text(PRESET)
+    run_sweep(load_preset(preset), tmp / "ref.db", log=lambda m: None)
+    return preset, _snapshot(tmp / "ref.db")
+
+
+# (crash point, occurrence): after the 2nd epoch row before its checkpoint; halfway through
+# writing the 2nd checkpoint file; after the 1st run is marked done, before its checkpoint goes.
+CRASHES = ["epoch_row:2", "checkpoint_write:2", "finish:1"]
+
+
+@pytest.mark.parametrize("crash", CRASHES)
+def test_crash_in_each_window_then_rerun(tmp_path, reference, crash):
+    """Crash (as SIGKILL would: no cleanup) exactly inside each window of the bookkeeping.
+
+    A random kill rarely lands there; these are the windows that a checkpoint written in place
+    (not temp + rename) or a resume that keeps epoch rows past the checkpoint would get wrong.
+    """
+    preset, ref = reference
+    db = tmp_path / "crashed.db"
+    proc = subprocess.run(_sweep_cmd(preset, db), env={**_env(), "GROUPNORM_CRASH_AT": crash},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 137, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert _done_runs(db) < len(ref["runs"])
+    ckpts = tmp_path / "crashed-checkpoints"
+    if crash.startswith("checkpoint_write"):
+        assert list(ckpts.glob(".*.tmp")), "the crash left a half-written temp file"
+        assert list(ckpts.glob("*.pt")), "and the previous checkpoint in place"
+    done = subprocess.run(_sweep_cmd(preset, db), env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _snapshot(db) == ref
+    assert not list(ckpts.glob("*.pt")) and not list(ckpts.glob(".*.tmp"))
+
+
+def test_checkpoint_is_replaced_atomically(tmp_path):
+    """A failed write leaves the previous checkpoint loadable (temp file + os.replace)."""
+    import torch
+
+    from groupnorm.experiments.train import save_checkpoint
+
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"epoch": 1})
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save_checkpoint(path, {"epoch": 2, "bad": Boom()})
+    assert torch.load(path, weights_only=False) == {"epoch": 1}
+
+
+def test_killed_parallel_sweep_leaves_no_workers_and_resumes(tmp_path, reference):
+    """SIGKILL a --jobs 2 sweep: its worker processes stop too, and a rerun completes it."""
+    preset, ref = reference
+    db = tmp_path / "par.db"
+    cmd = [*_sweep_cmd(preset, db), "--jobs", "2"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=False)
+    deadline = time.monotonic() + 120
+    while _epoch_rows(db) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    children = _children(proc.pid)
+    assert children, "no worker processes found"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [c for c in children if _alive(c)], "workers outlived their sweep"
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _snapshot(db) == ref
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"  # a zombie has exited

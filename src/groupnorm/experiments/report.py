@@ -374,6 +374,12 @@ def render_report(store: Store, plot_dir: Path | None, *, title: str | None = No
         total = sum(r["train_seconds"] or 0.0 for r in done)
         lines.append(f"- recorded between {started} and {finished} (UTC); "
                      f"training wall time {total / 60:.1f} min in total")
+        sweeps = store.get_meta("sweeps", [])
+        if sweeps:
+            wall = sum(s["wall_s"] for s in sweeps)
+            jobs = sorted({s["jobs"] for s in sweeps})
+            lines.append(f"- sweep wall time {wall / 60:.1f} min over {len(sweeps)} "
+                         f"invocation(s) of the sweep command (jobs {', '.join(map(str, jobs))})")
         lines.append(_overhead_line(done))
     lines.append("")
     for study in store.studies():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import json
 import os
 import socket
@@ -127,8 +128,13 @@ def owner_alive(owner: str | None) -> bool:
     return True
 
 
+@functools.cache
 def code_version() -> str:
-    """`git describe` of the source tree when it is a checkout, else the package version."""
+    """`git describe` of the source tree when it is a checkout, else the package version.
+
+    Read once per process (the store asks at import), so a run records the code its process
+    loaded, not what the working tree holds by the time it is claimed.
+    """
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
@@ -150,6 +156,25 @@ def code_version() -> str:
         return "unknown"
 
 
+def device_description(device: str) -> str:
+    """What a run ran on, for its row: the device plus the CPU model and the vector ISA torch
+    uses (CPU results are bit-identical only on the same kind of CPU), or the GPU's name."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = torch.device(device)
+        name = torch.cuda.get_device_name(dev)
+        cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        return f"{device} ({name}, sm {cap}, CUDA {torch.version.cuda})"
+    model = ""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), "")
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"{device} ({model or 'unknown CPU'}, {isa})"
+
+
 class Store:
     """A results database: runs, their epochs, and which studies they belong to."""
 
@@ -163,6 +188,7 @@ class Store:
         self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints
         self.conn.execute("PRAGMA foreign_keys=ON")
         self.conn.executescript(SCHEMA)  # CREATE ... IF NOT EXISTS: idempotent, each atomic
+        code_version()  # fix this process's code version now (it is cached)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -195,6 +221,22 @@ class Store:
             self.conn.execute("ROLLBACK")
             raise
         self.conn.execute("COMMIT")
+
+    # --- meta -------------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """A JSON value from the meta table."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return default if row is None else json.loads(row[0])
+
+    def append_meta(self, key: str, item: Any) -> None:
+        """Append an item to the JSON list under ``key`` (one transaction)."""
+        with self.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            items = [] if row is None else json.loads(row[0])
+            items.append(item)
+            c.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+                      "SET value=excluded.value", (key, json.dumps(items, sort_keys=True)))
 
     # --- enqueueing -------------------------------------------------------------------------
 

@@ -11,12 +11,17 @@ Protocol (each numbered step is one transaction or one atomic file replace):
 5. finish: status done + summary in one UPDATE; the checkpoint is then deleted (a leftover one
    of a done run is removed at the next start).
 A run that raises is marked failed with its traceback and the sweep goes on; `retry_failed`
-queues failed runs again.
+queues failed runs again. With `jobs` > 1 the runs go to worker processes that claim them the
+same way; a worker whose sweep process has died (SIGKILL) stops within a second, leaving its run
+to be resumed by the next sweep. Each invocation's wall time is kept in the database (meta
+"sweeps") for the report.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -27,8 +32,8 @@ from typing import Any
 import torch
 
 from .config import Preset, Study, TrainConfig
-from .store import Store, owner_alive, owner_id
-from .train import train
+from .store import Store, device_description, owner_alive, owner_id, utc_now
+from .train import crash_point, train
 
 
 def run_label(cfg: TrainConfig, keys: list[str]) -> str:
@@ -72,9 +77,14 @@ def run_sweep(
     """
     if jobs < 1:
         raise ValueError(f"jobs={jobs} must be >= 1")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(
+            "a sweep runs in one process (it spreads runs over --jobs worker processes); under "
+            "torchrun use `groupnorm train` for one data-parallel run instead")
     overrides = overrides or {}
     pairs = preset.expand(overrides, studies)
     store = Store(db)
+    t0, started = time.perf_counter(), utc_now()
     try:
         position = {s.name: i for i, s in enumerate(preset.studies)}
         for study in {s.name: s for s, _ in pairs}.values():
@@ -97,10 +107,8 @@ def run_sweep(
             items = [(i, todo[i][0].name, run_label(todo[i][1], varying_keys(todo[i][0],
                                                                              overrides)),
                       todo[i][1]) for i in pending]
-            _run_parallel(store.path, items, jobs, log)
-            counts = store.counts(list(todo))
-            log(f"sweep {preset.name}: {_fmt_counts(counts)}")
-            return counts
+            _run_parallel(store.path, items, jobs, log, progress)
+            return _finish(store, preset.name, list(todo), t0, started, jobs, log)
         bar = None
         if progress and sys.stdout.isatty():
             from tqdm.auto import tqdm
@@ -109,7 +117,7 @@ def run_sweep(
         for k, run_id in enumerate(pending, 1):
             study, cfg = todo[run_id]
             label = run_label(cfg, varying_keys(study, overrides))
-            if not store.claim(run_id, cfg.device, torch.__version__):
+            if not store.claim(run_id, device_description(cfg.device), torch.__version__):
                 log(f"[{k}/{len(pending)}] run {run_id} ({label}): taken by another process")
                 continue
             t0 = time.perf_counter()
@@ -130,15 +138,28 @@ def run_sweep(
                 log(line)
         if bar is not None:
             bar.close()
-        counts = store.counts(list(todo))
-        log(f"sweep {preset.name}: {_fmt_counts(counts)}")
-        return counts
+        return _finish(store, preset.name, list(todo), t0, started, jobs, log)
     finally:
         store.close()
 
 
+def _finish(store: Store, name: str, run_ids: list[int], t0: float, started: str, jobs: int,
+            log: Callable[[str], None]) -> dict[str, int]:
+    """Record this invocation's wall time, say what is left, return the counts per status."""
+    counts = store.counts(run_ids)
+    wall = time.perf_counter() - t0
+    store.append_meta("sweeps", {"started_at": started, "finished_at": utc_now(),
+                                 "wall_s": round(wall, 1), "jobs": jobs, "counts": counts})
+    log(f"sweep {name}: {_fmt_counts(counts)} ({wall / 60:.1f} min)")
+    held = [r["id"] for r in store.runs(status="running") if r["id"] in set(run_ids)]
+    if held:
+        log(f"note: run(s) {held} are still held by other live processes (another sweep of "
+            "this database?); rerun this command after they finish or stop them")
+    return counts
+
+
 def _run_parallel(db: Path, items: list[tuple[int, str, str, TrainConfig]], jobs: int,
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], progress: bool) -> None:
     """Run pending runs in `jobs` spawned processes; the store's claim gives out each run once."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -146,21 +167,39 @@ def _run_parallel(db: Path, items: list[tuple[int, str, str, TrainConfig]], jobs
     log(f"running {len(items)} runs in {jobs} processes")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_worker, str(db), items, len(items)) for _ in range(jobs)]
+        futures = [pool.submit(_worker, str(db), items, len(items), os.getpid(), progress)
+                   for _ in range(jobs)]
         for f in futures:
             f.result()
 
 
-def _worker(db: str, items: list[tuple[int, str, str, TrainConfig]], total: int) -> int:
+def _exit_with_parent(parent: int) -> None:
+    """Stop this worker process (as a kill would) once the sweep process that started it is
+    gone: a SIGKILLed sweep leaves no workers training on behind its back."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _worker(db: str, items: list[tuple[int, str, str, TrainConfig]], total: int,
+            parent: int | None = None, progress: bool = True) -> int:
     """One sweep worker process: claim and run whatever is still free, in order."""
+    if parent is not None:
+        _exit_with_parent(parent)
     store = Store(db)
     ran = 0
     try:
         for k, (run_id, study, label, cfg) in enumerate(items, 1):
-            if not store.claim(run_id, cfg.device, torch.__version__):
+            if not store.claim(run_id, device_description(cfg.device), torch.__version__):
                 continue
             t0 = time.perf_counter()
-            status = execute_run(store, run_id, cfg, progress=False, log=None)
+            # several runs share the terminal: a labelled line per epoch instead of bars
+            status = execute_run(store, run_id, cfg, progress=False,
+                                 log=(lambda m: print(m, flush=True)) if progress else None,
+                                 name=f"{study} {label}")
             row = store.run(run_id)
             if status == "done":
                 msg = f"done: median val error {row['median_val_error']:.2f}%"
@@ -175,10 +214,10 @@ def _worker(db: str, items: list[tuple[int, str, str, TrainConfig]], total: int)
 
 
 def execute_run(store: Store, run_id: int, cfg: TrainConfig, *, progress: bool = False,
-                log: Callable[[str], None] | None = None) -> str:
+                log: Callable[[str], None] | None = None, name: str = "") -> str:
     """Train one claimed run, recording epochs and the outcome; returns 'done' or 'failed'."""
     ckpt = store.checkpoint_path(cfg.config_hash())
-    prefix = f"  run {run_id}: "
+    prefix = f"  run {run_id}{' (' + name + ')' if name else ''}: "
     try:
         result = train(
             replace(cfg, progress=progress),
@@ -194,6 +233,7 @@ def execute_run(store: Store, run_id: int, cfg: TrainConfig, *, progress: bool =
         store.fail(run_id, traceback.format_exc()[-4000:])
         return "failed"
     store.finish(run_id, result.summary, result.timings)
+    crash_point("finish")
     ckpt.unlink(missing_ok=True)
     return "done"
 

@@ -19,6 +19,7 @@ loader order, augmentation) is seeded from (seed, epoch) or restored from the ch
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -184,12 +185,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_CRASH_COUNTS: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook: die as a SIGKILL would at a named point of the run's bookkeeping.
+
+    With ``GROUPNORM_CRASH_AT=<name>[:<k>]`` the process exits (status 137, no cleanup) the k-th
+    time (default 1) it reaches point ``name``: ``epoch_row`` (after an epoch's row is
+    recorded, before its checkpoint), ``checkpoint_write`` (halfway through writing the
+    checkpoint file) and ``finish`` (after the run is marked done, before its checkpoint is
+    deleted). The crash-safety tests use it to hit the windows a random kill rarely finds.
+    """
+    spec = os.environ.get("GROUPNORM_CRASH_AT")
+    if not spec or spec.partition(":")[0] != name:
+        return
+    _CRASH_COUNTS[name] = _CRASH_COUNTS.get(name, 0) + 1
+    if _CRASH_COUNTS[name] == int(spec.partition(":")[2] or 1):
+        os._exit(137)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write a checkpoint atomically: temp file in the same folder, fsync, os.replace."""
+    """Write a checkpoint atomically: temp file in the same folder, fsync, os.replace.
+
+    A kill at any moment leaves either the previous checkpoint or the new one, never a partial
+    file under ``path``.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getbuffer()
     with open(tmp, "wb") as f:
-        torch.save(payload, f)
+        f.write(data[: len(data) // 2])
+        f.flush()
+        crash_point("checkpoint_write")
+        f.write(data[len(data) // 2:])
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -283,7 +314,8 @@ def summarize(epoch_rows: list[dict[str, Any]], report_last: int) -> dict[str, A
 
 
 class _Progress:
-    """A tqdm bar on a terminal, else a log line every `every` seconds."""
+    """A tqdm bar over an epoch's steps on a terminal; elsewhere nothing (the run logs a plain
+    line per epoch instead)."""
 
     def __init__(self, total: int, desc: str, enabled: bool) -> None:
         self.bar = None
@@ -334,8 +366,11 @@ def train(
     say = log if (log is not None and d.is_main) else (lambda _msg: None)
 
     from groupnorm import data as gdata
-    from groupnorm import set_virtual_batch
+    from groupnorm import set_virtual_batch, split_ws
 
+    if split_ws(cfg.norm)[0] == "syncbn" and not d.enabled:
+        say("note: norm=syncbn in a single process is BN (there are no other ranks to sync "
+            "with); run it under torchrun to sync the statistics across processes")
     train_set, val_set = load_data(cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg, train_set).to(device)
@@ -403,6 +438,7 @@ def train(
             if d.is_main:
                 if on_epoch is not None:
                     on_epoch(epoch, row)
+                crash_point("epoch_row")
                 say(
                     f"epoch {epoch}/{total_epochs} [{phase.name} n={n} W={cfg.workers}] "
                     f"train {row['train_loss']:.4f}/{row['train_error']:.2f}% "
