@@ -356,12 +356,17 @@ def test_failed_download_ends_in_clear_error(tmp_path, monkeypatch):
         load_dataset("mnist", root=tmp_path / "dl", download=True)
 
 
-def test_download_falls_back_to_a_mirror(tmp_path, monkeypatch):
+def _local_server(tmp_path) -> tuple[Path, list[str]]:
+    """A folder of MNIST-format .gz files standing in for a download server (file:// URLs)."""
     src = tmp_path / "server"
     src.mkdir()
     make_idx_set(src, gz=True)
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    return src, ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+
+
+def test_download_falls_back_to_a_mirror(tmp_path, monkeypatch):
+    src, names = _local_server(tmp_path)
     remotes = [sources.Remote(n, f"http://127.0.0.1:9/{n}", sources.md5sum(src / n),
                               ((src / n).as_uri(),)) for n in names]
     _with_remotes(monkeypatch, "mnist", remotes)
@@ -369,11 +374,7 @@ def test_download_falls_back_to_a_mirror(tmp_path, monkeypatch):
 
 
 def test_download_verifies_md5(tmp_path, monkeypatch):
-    src = tmp_path / "server"
-    src.mkdir()
-    make_idx_set(src, gz=True)
-    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    src, names = _local_server(tmp_path)
     good = [sources.Remote(n, (src / n).as_uri(), sources.md5sum(src / n)) for n in names]
     bad = [dataclasses.replace(good[0], md5="f" * 32)] + good[1:]
     _with_remotes(monkeypatch, "mnist", bad)
