@@ -3,11 +3,17 @@ PYTHON      ?= python3
 VENV        ?= .venv
 # torch arrives as a pinned local CPU wheel; never let pip resolve a newer (CUDA) build.
 TORCH_SPEC  ?= torch==2.13.0
-# Triton runs the GPU kernels' tests on CPU through its interpreter (TRITON_INTERPRET=1).
-TRITON_SPEC ?= triton
+# Elsewhere, point pip at PyTorch's CPU wheels: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
+# Triton runs the GPU kernels' tests on CPU through its interpreter (TRITON_INTERPRET=1); the
+# range covers the GPU machine's 3.6 and this machine's 3.9.
+TRITON_SPEC ?= triton>=3.6,<3.10
 PYTEST_ARGS ?=
 BIN          = $(VENV)/bin
-STAMP        = $(VENV)/.installed
+# one stamp per torch spec: changing TORCH_SPEC reinstalls instead of keeping the old torch
+STAMP        = $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(subst $(space),_,$(TORCH_SPEC)))))
+space       := $(subst ,, )
+PIP_TORCH    = $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 .PHONY: install data run test test-slow lint bench clean
 
@@ -16,8 +22,9 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)" numpy
-	$(BIN)/pip install -q "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[dev]"
+	$(BIN)/pip install -q $(PIP_TORCH) "$(TORCH_SPEC)" numpy
+	$(BIN)/pip install -q $(PIP_TORCH) "$(TORCH_SPEC)" "$(TRITON_SPEC)" -e ".[dev]"
+	rm -f $(VENV)/.installed*
 	touch $@
 
 install: $(STAMP)
