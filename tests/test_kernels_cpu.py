@@ -194,7 +194,7 @@ def test_bench_smoke(tmp_path, capsys):
     for r in rows:  # the robust baseline exists exactly where aten's kernel is not robust
         assert (r["vs_robust"] != "") == (r["layout"] == "nhwc"), r
         assert float(r["p50_ms"]) > 0 and float(r["speedup"]) > 0
-    assert "ours/torch" in capsys.readouterr().out
+    assert "speedup = torch p50 ÷ ours" in capsys.readouterr().out
     # the figure, drawn in the run and again from the CSV alone (--plot-only measures nothing)
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert bench.main(["--plot-only", str(out), "--plot", str(tmp_path / "again.png")]) == 0
