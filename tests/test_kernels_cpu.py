@@ -160,8 +160,10 @@ def test_errors_and_auto():
     assert auto_backend(big[:1, :, :8, :8], 32, None, None) == "torch"  # too small
     huge = torch.randn(8, 256, 56, 56).contiguous(memory_format=torch.channels_last)
     assert auto_backend(huge.requires_grad_(), 32, None, None) == "cpu"
-    nchw = torch.randn(8, 64, 64, 64)  # 2M elements: the NCHW fused threshold
-    assert auto_backend(nchw, 32, "silu", None) == "cpu"
+    nchw = torch.randn(8, 64, 64, 64)  # 2M elements: the NCHW fused threshold (training)
+    assert auto_backend(nchw.requires_grad_(), 32, "silu", None) == "cpu"
+    with torch.no_grad():
+        assert auto_backend(nchw, 32, "silu", None) == "torch"  # fused inference: measured no win
     assert auto_backend(nchw, 32, None, None) == "torch"
 
 

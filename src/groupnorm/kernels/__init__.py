@@ -73,7 +73,9 @@ def _interpreting() -> bool:
 CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
     (False, False, False): None,  # NCHW inference: median 1.24x, 0.95-1.06x at quiet moments
     (False, False, True): None,  # NCHW training: 0.56-0.74x up to 3.2M elements
-    (False, True, False): (1 << 21, 1 << 62),  # NCHW GN+SiLU inference: 1.13-1.61x (25 MB)
+    # NCHW GN+SiLU inference: 1.13-1.61x on the Zen 4 machine, but 0.88-1.10x on an AVX2 one
+    # (2026-11-23, exp-bound: BENCHMARKS.md), so torch
+    (False, True, False): None,
     (False, True, True): (1 << 21, 1 << 62),  # NCHW GN+SiLU training: 1.32-2.59x from 2M
     # Channels-last: aten's CPU kernel is not robust (E[x²]−E[x]² in fp32), so the "torch"
     # backend copies to NCHW and back; against *that* path the C++ kernel measured 3-5x (fwd)
