@@ -38,7 +38,7 @@ data:
 	else echo "note: dataset-fashion-mnist not installed (needs root + apt); tests that need it will skip"; fi
 
 run: install data
-	$(BIN)/python -m groupnorm reproduce --preset quick --out runs/quick
+	$(BIN)/python -m groupnorm reproduce --preset quick --jobs 2 --out runs/quick
 
 test: install data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
