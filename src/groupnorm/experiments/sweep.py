@@ -84,7 +84,7 @@ def run_sweep(
     overrides = overrides or {}
     pairs = preset.expand(overrides, studies)
     store = Store(db)
-    t0, started = time.perf_counter(), utc_now()
+    t_sweep, started = time.perf_counter(), utc_now()
     try:
         position = {s.name: i for i, s in enumerate(preset.studies)}
         for study in {s.name: s for s, _ in pairs}.values():
@@ -108,7 +108,7 @@ def run_sweep(
                                                                              overrides)),
                       todo[i][1]) for i in pending]
             _run_parallel(store.path, items, jobs, log, progress)
-            return _finish(store, preset.name, list(todo), t0, started, jobs, log)
+            return _finish(store, preset.name, list(todo), t_sweep, started, jobs, log)
         bar = None
         if progress and sys.stdout.isatty():
             from tqdm.auto import tqdm
@@ -138,7 +138,7 @@ def run_sweep(
                 log(line)
         if bar is not None:
             bar.close()
-        return _finish(store, preset.name, list(todo), t0, started, jobs, log)
+        return _finish(store, preset.name, list(todo), t_sweep, started, jobs, log)
     finally:
         store.close()
 
