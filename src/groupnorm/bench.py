@@ -239,14 +239,9 @@ def _env(device: torch.device, allocator: str = "") -> dict[str, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        from groupnorm._sysinfo import cpu_model
+
+        name = cpu_model() or platform.processor() or platform.machine()
     return {"timestamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "device": device.type, "device_name": name, "torch": torch.__version__,
             "triton": triton_version,

@@ -23,8 +23,7 @@ import torch
 
 from .sources import CorruptDatasetError
 
-__all__ = ["read_idx", "read_cifar_batch", "read_cifar_batches", "check_official",
-           "IDX_IMAGES", "IDX_LABELS"]
+__all__ = ["read_idx", "read_cifar_batch", "read_cifar_batches", "IDX_IMAGES", "IDX_LABELS"]
 
 IDX_LABELS = 0x00000801  # 2049: unsigned byte, 1 dim
 IDX_IMAGES = 0x00000803  # 2051: unsigned byte, 3 dims
@@ -44,7 +43,7 @@ def _read_bytes(path: Path) -> bytes:
             "the file and download or reinstall it") from e
 
 
-def check_official(data: bytes, where: str, official_md5: str) -> None:
+def _check_official(data: bytes, where: str, official_md5: str) -> None:
     """Raise CorruptDatasetError unless ``data`` (a file's decoded content) has the published MD5.
 
     Called for files whose header claims the official dataset (its exact size or sample count),
@@ -88,7 +87,7 @@ def read_idx(path: str | Path, magic: int, official: tuple[int, str] | None = No
             f"{path}: {what}: {len(data)} bytes, expected {expected} (header {header} + payload "
             f"for dims {dims}); delete the file and download or reinstall it")
     if official is not None and len(data) == official[0]:
-        check_official(data, str(path), official[1])
+        _check_official(data, str(path), official[1])
     arr = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
     return torch.from_numpy(arr.copy())
 
@@ -149,7 +148,7 @@ def read_cifar_batch(raw: bytes, where: str, label_key: str,
             f"{where}: {labels.shape[0] if labels.ndim else 0} labels for {data.shape[0]} images; "
             "the file is truncated or corrupt")
     if official is not None and data.shape[0] == official[0]:
-        check_official(raw, where, official[1])
+        _check_official(raw, where, official[1])
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy())
     return images, torch.from_numpy(labels.astype(np.int64))
 

@@ -166,13 +166,10 @@ def device_description(device: str) -> str:
         name = torch.cuda.get_device_name(dev)
         cap = ".".join(map(str, torch.cuda.get_device_capability(dev)))
         return f"{device} ({name}, sm {cap}, CUDA {torch.version.cuda})"
-    model = ""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f
-                          if ln.startswith("model name")), "")
+    from groupnorm._sysinfo import cpu_model
+
     isa = torch.backends.cpu.get_cpu_capability()
-    return f"{device} ({model or 'unknown CPU'}, {isa})"
+    return f"{device} ({cpu_model() or 'unknown CPU'}, {isa})"
 
 
 class Store:

@@ -43,6 +43,7 @@ def _cpu_ext_ready() -> bool:
     return cpu_ext.load_cpu_ext()
 
 
+# cached apart from triton_available: dynamo warns on assume_constant_result over a cache wrapper
 @functools.cache
 def _import_triton() -> bool:
     try:

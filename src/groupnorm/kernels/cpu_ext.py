@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from groupnorm._sysinfo import cpu_flags
+
 SOURCE = Path(__file__).with_name("cpu") / "gn_cpu.cpp"
 # -march=native: the cache lives on the machine that built it; the kernel loops rely on AVX2/512.
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
@@ -28,13 +30,7 @@ def cpu_tag() -> str:
     The build uses -march=native; a cache directory shared by different machines (an NFS home)
     then keeps one build per kind of CPU instead of loading one that may crash with SIGILL.
     """
-    flags = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        pass
-    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return hashlib.sha1((platform.machine() + cpu_flags()).encode()).hexdigest()[:8]
 
 
 @functools.cache

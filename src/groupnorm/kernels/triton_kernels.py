@@ -76,8 +76,10 @@ def _program_slice(G, CG, S, S_PER_SPLIT, stride_n, stride_c, BLOCK_C: tl.conste
     """This program's sample n, its group's channels (chan, mask_c), their element offsets at
     s = 0 (off_c), and its slice [s_start, s_end) of the spatial range.
 
-    EVEN_C (C/G == BLOCK_C) makes the channel mask a compile-time constant, so that rows of a
-    channels-last tile load and store as vectors (with a runtime CG the mask stops that).
+    EVEN_C (C/G == BLOCK_C): the group's first channel is written g·BLOCK_C, so the compiler can
+    prove channels-last rows 16-byte aligned and loads/stores them as vectors (with g·CG, CG
+    known only at run time, they were scalar loads in the sm_90 PTX), and the channel mask is a
+    compile-time constant.
     """
     pid = tl.program_id(0)  # n * G + g
     sid = tl.program_id(1)  # slice
