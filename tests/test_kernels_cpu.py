@@ -119,6 +119,121 @@ def test_backward_is_deterministic(layout):
     assert backward_is_deterministic("cpu", (3, 64, 20, 20), layout, 16, "silu")
 
 
+# The NHWC schedule (gn_cpu.cpp: nhwc_plan) depends on GROUPNORM_CPU_SLAB_CACHE_BYTES, read at
+# every call. For (3, 48, 10, 12) fp32 a sample's slab is 23 KB (forward: x) or 46 KB (backward:
+# x and dy), 69 KB with the residual. Budget 0: the blocked two-pass sweep (one sample at a
+# time, every chunk from DRAM, output pass backwards, dz recomputed); 100 KB: on 1 thread
+# per-sample tasks, on 2 threads (N = 3 does not balance) cached sweeps of 1-4 samples with dz
+# kept; 2^50: per-sample tasks on 1 thread, one cached sweep of all samples on 2.
+SCHEDULE_BUDGETS = ("0", str(100_000), str(1 << 50))
+
+
+@pytest.mark.parametrize("activation,residual,dtype", [(None, False, torch.float32),
+                                                       ("silu", True, torch.float32),
+                                                       ("gelu", False, torch.bfloat16)])
+def test_nhwc_schedules_give_the_same_bits(monkeypatch, activation, residual, dtype):
+    from groupnorm.kernels.testing import run_op
+
+    shape, groups = (3, 48, 10, 12), 6
+    torch.manual_seed(0)
+    x = make_input(shape, "nhwc", dtype)
+    w = (torch.rand(shape[1]) + 0.5).to(dtype)
+    b = torch.randn(shape[1]).to(dtype)
+    r = make_input(shape, "nhwc", dtype, offset=0.0, scale=1.0) if residual else None
+    dy = make_input(shape, "nhwc", dtype, offset=0.0, scale=1.0)
+    outs = {}
+    old = torch.get_num_threads()
+    try:
+        for budget in SCHEDULE_BUDGETS:
+            monkeypatch.setenv("GROUPNORM_CPU_SLAB_CACHE_BYTES", budget)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                outs[budget, threads] = run_op("cpu", x, groups, w, b, r, activation, dy)
+    finally:
+        torch.set_num_threads(old)
+    first = outs["0", 1]
+    for key, out in outs.items():
+        for k, v in first.items():
+            assert torch.equal(out[k], v), f"{k} differs between schedules ('0', 1) and {key}"
+    for budget in SCHEDULE_BUDGETS[::2]:  # and each is right, not only equal to the others
+        monkeypatch.setenv("GROUPNORM_CPU_SLAB_CACHE_BYTES", budget)
+        _check(parity_errors("cpu", shape, groups, dtype, "nhwc", activation, residual), dtype)
+
+
+def _silu_through_kernel(z: torch.Tensor, channels_last: bool) -> tuple[torch.Tensor, ...]:
+    """silu(z) and silu'(z) as the C++ kernels compute them, for any fp32 values z.
+
+    With weight 0 the pre-activation is exactly the bias (x * 0 + b), so a (1, C, 1, 2) input
+    whose bias holds C values of z runs them through the forward's vectorized activation (both
+    rows: y[..., 0] and y[..., 1]); with dy = 1 the bias gradient is 2 silu'(z), summed in
+    double, so halving it is exact.
+    """
+    c = z.numel()
+    x = torch.randn(1, c, 1, 2)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+    w = torch.zeros(c)
+    y, mean, rstd = torch.ops.groupnorm_cpu.fwd(x, w, z, None, 1, 1e-5, 2, channels_last)
+    _, _, db, _ = torch.ops.groupnorm_cpu.bwd(torch.ones_like(x), x, w, z, None, mean, rstd, 1,
+                                              2, channels_last, False)
+    return y[0, :, 0, 0], y[0, :, 0, 1], db / 2
+
+
+def test_silu_error_bound():
+    """The vectorized SiLU (gn_cpu.cpp: exp_nonpos, sigmoid) against float64 over every range.
+
+    Bounds (measured 2026-11-30: 2.1e-7, 5.4e-6, 7.3e-44, 9.8e-7; torch's own fp32 silu: 1.6e-7,
+    and 0 instead of the result below z = -88.7):
+    silu: relative 4e-7 where z >= -87 and the result is a normal float. silu' = s (1 + z (1 - s)),
+    s = sigmoid(z), for z >= -87: error <= 2e-6 (|s| + |s z (1 - s)|), the size of its terms
+    (1 + z (1 - s) cancels near z = -1.28, in float64 torch too), and relative 2e-6 where
+    |silu'| > 0.01. Both for z < -87 (e^z is a denormal there: fewer bits): relative 1e-5 where
+    the result is a normal float, absolute 1e-43 where it is denormal. NaN and ±inf come out
+    where float64 has them (silu(-inf) and silu'(±inf) are NaN, as torch's; silu(+inf) = +inf).
+    """
+    import numpy as np
+
+    tiny = float(np.finfo(np.float32).tiny)
+    z = np.concatenate([
+        np.linspace(-110, 110, 1 << 20),                   # dense, past both ends of exp's range
+        np.geomspace(1e-45, 3e38, 20000), -np.geomspace(1e-45, 3e38, 20000),  # every binade
+        [0.0, -0.0, np.inf, -np.inf, np.nan, tiny, -tiny, 1e-40, -1e-40, 87.0, -87.0, -88.7,
+         -103.9, -104.0, -150.0],
+    ]).astype(np.float32)
+    zt = torch.from_numpy(z)
+    y0, y1, dsilu = _silu_through_kernel(zt, channels_last=True)
+    # the NCHW path computes the same values (rows of 2: scalar code rather than vectors)
+    n0, _, nd = _silu_through_kernel(zt, channels_last=False)
+    for a, b in ((y0, y1), (y0, n0), (dsilu, nd)):
+        assert torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0))
+    zd = z.astype(np.float64)
+    with np.errstate(all="ignore"):
+        e = np.exp(-np.abs(zd))
+        s = np.where(zd >= 0, 1 / (1 + e), e / (1 + e))
+        ref, dref = zd * s, s * (1 + zd * (1 - s))
+    ours, dours = y0.double().numpy(), dsilu.double().numpy()
+    for name, a, r in (("silu", ours, ref), ("silu'", dours, dref)):
+        assert np.array_equal(np.isnan(a), np.isnan(r)), f"{name}: NaN at other inputs"
+        inf = np.isinf(r)
+        assert np.array_equal(a[inf], r[inf]), f"{name}: ±inf differ"
+
+    def worst(err: np.ndarray, scale: np.ndarray, mask: np.ndarray) -> float:
+        return float((err[mask] / scale[mask]).max())
+
+    with np.errstate(invalid="ignore"):  # inf - inf, NaN: masked out below
+        err, derr = np.abs(ours - ref), np.abs(dours - dref)
+        terms = np.abs(s) + np.abs(s * zd * (1 - s))  # the size of the derivative's terms
+    body = zd >= -87  # e^-|z| is a normal float
+    for name, e, r in (("silu", err, ref), ("silu'", derr, dref)):
+        fin, mag = np.isfinite(r), np.abs(r)
+        assert worst(e, mag, fin & ~body & (mag >= tiny)) <= 1e-5, name
+        assert worst(e, np.ones_like(mag), fin & (mag < tiny)) <= 1e-43, name
+    fin = np.isfinite(ref)
+    assert worst(err, np.abs(ref), fin & body & (np.abs(ref) >= tiny)) <= 4e-7
+    fin = np.isfinite(dref) & body
+    assert worst(derr, terms, fin & (np.abs(dref) >= tiny)) <= 2e-6
+    assert worst(derr, np.abs(dref), fin & (np.abs(dref) > 0.01)) <= 2e-6
+
+
 def test_thread_count_does_not_change_results():
     x = make_input((3, 32, 30, 30), "nhwc", torch.float32).requires_grad_()
     w = torch.rand(32, requires_grad=True)

@@ -17,7 +17,10 @@
 //   order: bit-identical across calls and thread counts). Sums use (x - mean), never x alone,
 //   so inputs with a large offset lose no digits to cancellation.
 // Large outputs (y, dx) are written with non-temporal stores through a small L1 buffer
-// (write_row), NHWC rows are prefetched 4 KB ahead (prefetch_ahead): both measured, see there.
+// (write_row), NHWC rows read from DRAM are prefetched 4 KB ahead (prefetch_ahead): both
+// measured, see there. The NHWC schedule (single DRAM pass of the statistics when a sample fits
+// in the cache, blocked two passes otherwise) is described at nhwc_plan. The activations'
+// exponentials are a vectorizable polynomial with a tested error bound (exp_nonpos).
 // Work is split into fixed tasks (independent of the thread count) that the threads take from a
 // shared counter (parallel_tasks): on a shared machine a descheduled thread does not hold up the
 // others, and results do not depend on which thread ran which task.
@@ -36,6 +39,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
@@ -49,26 +53,45 @@ enum Act : int { kNone = 0, kRelu = 1, kSilu = 2, kGelu = 3 };
 
 // Everything called inside a vectorized loop must be inlined, or gcc gives up on the loop.
 #define GN_INLINE inline __attribute__((always_inline))
+#define GN_INLINE_LAMBDA __attribute__((always_inline))
 
-// exp for floats, written so that gcc vectorizes loops calling it (cephes polynomial,
-// Cody-Waite range reduction; max rel. error ~2 ulp in [-87, 88], clamped outside).
-GN_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// e^t for t <= 0 (every exp in this file has a non-positive argument: SiLU uses e^-|z|, GELU
+// e^(-z^2/2) and e^(-x^2)), written so that gcc vectorizes loops calling it at the vector width
+// of the build (-march=native: 8 floats with AVX2, 16 with AVX-512). Range reduction
+// t = n ln2 + r with n = round(t / ln2) from the 1.5 * 2^23 shifter (n also sits in the low bits
+// of f) and ln2 split in two (Cody-Waite: n * kLn2Hi is exact for |n| <= 2^13); e^r =
+// 1 + r + r^2 P(r), P of degree 4 fitted for relative error on |r| <= ln2 / 2 (0.6 ulp in fp32
+// arithmetic); 2^n as two factors 2^(n/2) so that results down to the denormals come out right
+// (t >= -104 covers every non-zero fp32 result). NaN stays NaN, -inf gives 0. The bound of
+// sigmoid / SiLU / SiLU' built on it is measured against float64 by tests/test_kernels_cpu.py::
+// test_silu_error_bound.
+GN_INLINE float exp_nonpos(float t) {
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  t = std::max(t, -104.0f);  // e^-104 is below half the smallest denormal; NaN stays NaN
+  const float f = t * 1.44269504088896341f + kShifter;
+  const float n = f - kShifter;
+  const float r = (t - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.3814381090924144e-3f;
+  p = p * r + 8.368747308850288e-3f;
+  p = p * r + 4.166839271783829e-2f;
+  p = p * r + 1.666651964187622e-1f;
+  p = p * r + 4.999999403953552e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t ni = __builtin_bit_cast(int32_t, f) - __builtin_bit_cast(int32_t, kShifter);
+  const int32_t n1 = ni >> 1, n2 = ni - n1;  // both >= -75: 2^n1 and 2^n2 are normal floats
+  return p * __builtin_bit_cast(float, (n1 + 127) << 23) *
+         __builtin_bit_cast(float, (n2 + 127) << 23);
 }
-GN_INLINE double fast_exp(double x) { return std::exp(x); }
+GN_INLINE double exp_nonpos(double t) { return std::exp(t); }
+
+// sigmoid(z) = 1 / (1 + e^-z) from u = e^-|z| in (0, 1]: 1 / (1 + u) for z >= 0, u / (1 + u)
+// below, so neither side overflows and large negative z keep their (tiny) relative accuracy.
+template <typename T>
+GN_INLINE T sigmoid(T z) {
+  const T u = exp_nonpos(-std::fabs(z));
+  const T r = T(1) / (T(1) + u);
+  return z >= T(0) ? r : u * r;
+}
 
 // erf via Abramowitz & Stegun 7.1.26 (abs. error <= 1.5e-7, the same formula as ATen's
 // vectorized erf); fp64 inputs use std::erf.
@@ -80,7 +103,7 @@ GN_INLINE float fast_erf(float x) {
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const float y = 1.0f - p * t * fast_exp(-ax * ax);
+  const float y = 1.0f - p * t * exp_nonpos(-ax * ax);
   return std::copysign(y, x);
 }
 GN_INLINE double fast_erf(double x) { return std::erf(x); }
@@ -90,9 +113,7 @@ GN_INLINE T act_fwd(T z) {
   if constexpr (A == kRelu) {
     return z > T(0) ? z : T(0);
   } else if constexpr (A == kSilu) {
-    // z * (1 / (1 + e)), not z / (1 + e): where exp's input is clamped gcc would otherwise
-    // emit a second full-width division for those lanes (2x slower on Zen 4).
-    return z * (T(1) / (T(1) + fast_exp(-z)));
+    return z * sigmoid(z);
   } else if constexpr (A == kGelu) {
     return T(0.5) * z * (T(1) + fast_erf(z * T(0.70710678118654752440)));
   } else {
@@ -106,11 +127,11 @@ GN_INLINE T act_grad(T z) {
   if constexpr (A == kRelu) {
     return z > T(0) ? T(1) : T(0);
   } else if constexpr (A == kSilu) {
-    const T s = T(1) / (T(1) + fast_exp(-z));
+    const T s = sigmoid(z);
     return s * (T(1) + z * (T(1) - s));
   } else if constexpr (A == kGelu) {
     const T cdf = T(0.5) * (T(1) + fast_erf(z * T(0.70710678118654752440)));
-    return cdf + z * T(0.39894228040143267794) * fast_exp(T(-0.5) * z * z);
+    return cdf + z * T(0.39894228040143267794) * exp_nonpos(T(-0.5) * z * z);
   } else {
     return T(1);
   }
@@ -203,7 +224,8 @@ inline bool use_streaming_stores(int64_t numel) {
 // mostly unaligned head and tail).
 template <typename scalar_t>
 inline bool nhwc_streams(int64_t N, int64_t S, int64_t C) {
-  return C * static_cast<int64_t>(sizeof(scalar_t)) >= 256 && use_streaming_stores<scalar_t>(N * S * C);
+  return C * static_cast<int64_t>(sizeof(scalar_t)) >= 256 &&
+         use_streaming_stores<scalar_t>(N * S * C);
 }
 
 // Copies n elements with non-temporal stores where the CPU has them (aligned 64-byte body,
@@ -332,30 +354,84 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   });
 }
 
-// Rows per NHWC chunk: about 16K elements, at least one row. Fixed by the shape only, so the
-// reduction order (chunk partials, then a fixed-order sum) does not depend on the thread count.
+// ---------------------------------------------------------------- NHWC schedule
+// A sample of x is a slab of S rows of C channels; group g is channels [g Cg, (g + 1) Cg) of
+// every row. Statistics are per-channel sums over row chunks (vector loads across the channels
+// of a row), combined per group in double (Chan's formula), so no divide and no group index is
+// computed per element. The output needs the statistics of the whole sample, so every element
+// is read twice; the schedule (nhwc_plan) decides where the second read comes from:
+//  - per-sample tasks (a thread takes a whole sample) when the samples balance over the threads
+//    and one slab per thread fits in the cache budget (slab_cache_bytes): the statistics pass is
+//    the single DRAM read of x, the output pass reads the slab back from L2 / L3;
+//  - otherwise sweeps of nb samples whose row chunks all threads share (one parallel region for
+//    the statistics, one for the output), nb samples fitting in the budget; or nb = 1 when one
+//    sample does not fit: the blocked two-pass schedule, in which x is read twice from DRAM and
+//    the output pass walks the chunks backwards, starting with the rows the statistics pass
+//    read last (still in L2 / L3). From the cache, forwards measured faster (the hardware
+//    prefetcher follows ascending streams).
+// Not done: overlapping a thread's statistics pass over its next sample with the output pass of
+// the previous one (row by row, so that DRAM reads and writes run together as in a copy). On
+// the AVX2 machine of 2026-11-30 (1 thread, CPU time, same process) it left the forward where it
+// was (0.90-1.04x) and made the backward 5-23% slower.
+// Chunks depend on C only, partials of a chunk are summed in row order and chunks are combined
+// in a fixed order: every schedule and thread count gives the same bits.
+
+// Rows per NHWC chunk: about 16K elements, at least one row.
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / C); }
 
-// Samples handled per parallel sweep (chunked path) so that their data stays in the last-level
-// cache between the statistics pass and the normalization pass.
-inline int64_t samples_per_sweep(int64_t S, int64_t C, int64_t elem_bytes, int64_t N) {
-  const int64_t per_sample = std::max<int64_t>(1, S * C * elem_bytes);
-  return std::min<int64_t>(N, std::max<int64_t>(1, (int64_t(4) << 20) / per_sample));
+// Bytes of slabs that may be in flight for their second pass to hit the cache: half the L3 as
+// sysconf reports it (the other half for everything else: y, other processes), else 16 MiB.
+// GROUPNORM_CPU_SLAB_CACHE_BYTES overrides it, read at every call (the tests force each
+// schedule with it).
+inline int64_t slab_cache_bytes() {
+  if (const char* env = std::getenv("GROUPNORM_CPU_SLAB_CACHE_BYTES")) {
+    return std::strtoll(env, nullptr, 10);
+  }
+  static const int64_t l3_half = [] {
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) return static_cast<int64_t>(l3 / 2);
+#endif
+    return int64_t(16) << 20;
+  }();
+  return l3_half;
 }
 
-// One task per sample (a single parallel region, no barriers) when the samples balance over
-// the threads; else samples are cut into row chunks shared by all threads.
-inline bool per_sample_tasks(int64_t N) {
-  const int64_t nt = at::get_num_threads();
-  return nt <= 1 || N % nt == 0 || N >= 4 * nt;
+struct NhwcPlan {
+  bool per_sample;  // one task per sample
+  int64_t nb;       // else: samples per sweep
+  bool cached;      // the second pass reads from the cache (the slabs in flight fit the budget)
+};
+
+// slab_bytes: what the second pass reads back of one sample (x; x and dy, or x and the cached
+// dz, which has the same size in fp32; + the residual).
+inline NhwcPlan nhwc_plan(int64_t N, int64_t slab_bytes) {
+  const int64_t nt = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t budget = slab_cache_bytes();
+  const int64_t slab = std::max<int64_t>(1, slab_bytes);
+  const bool balanced = nt <= 1 || N % nt == 0 || N >= 4 * nt;
+  if (balanced && std::min(N, nt) * slab <= budget) return {true, 1, true};
+  const int64_t nb = std::min<int64_t>(N, std::max<int64_t>(1, budget / slab));
+  return {false, nb, nb * slab <= budget};
 }
 
-// Software prefetch of the n elements kPrefetchBytes past the start of a row (NHWC loops; a
-// prefetch never faults, so running past the end of the tensor is harmless). In the row loops
-// that also load and store per-channel accumulators, the hardware prefetcher alone left the
-// per-channel sums at 10-20 GB/s per core for rows of 512 B and more (C >= 128 in fp32) on the
-// Zen 4 machine of BENCHMARKS.md; prefetching 2-8 KB ahead gave 23-32 GB/s (a plain contiguous
-// sum: ~40). Shorter rows already ran at 25-45 GB/s, and prefetching them made them slower.
+// A per-thread buffer of at least n elements that lives as long as the thread (OpenMP workers
+// and the calling thread are reused across calls): no allocation or page fault per call. It
+// holds at most the slabs of one call (bounded by the cache budget when used for dz).
+template <typename T>
+T* thread_scratch(int64_t n) {
+  thread_local std::vector<T> buf;
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  return buf.data();
+}
+
+// Software prefetch of the n elements kPrefetchBytes past the start of a row (NHWC loops that
+// read from DRAM; a prefetch never faults, so running past the end of the tensor is harmless).
+// In the row loops that also load and store per-channel accumulators, the hardware prefetcher
+// alone left the per-channel sums at 10-20 GB/s per core for rows of 512 B and more (C >= 128 in
+// fp32) on the Zen 4 machine of BENCHMARKS.md; prefetching 2-8 KB ahead gave 23-32 GB/s (a plain
+// contiguous sum: ~40). Shorter rows already ran at 25-45 GB/s, and prefetching them made them
+// slower. From the cache a prefetch only costs (the output pass of a cached plan skips it).
 constexpr int64_t kPrefetchBytes = 4096;
 constexpr int64_t kPrefetchMinRowBytes = 512;
 template <typename T>
@@ -366,21 +442,89 @@ GN_INLINE void prefetch_ahead(const T* row, int64_t n) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
-// Per-channel sums of (x - x[row 0]) and its square over chunk k of one sample (S rows of C).
+// The schedule the NHWC forward and backward share. For each sample n:
+//   prep(n, coef) -> stats(n, s0, s1, p1_k, p2_k, coef, dz) over the rows of every chunk k
+//   -> finish(n, p1, p2, coef) -> apply(n, s0, s1, coef, dz, prefetch) over all rows,
+// with coef ncoef arrays of C values per sample, p1, p2 the (nchunks, C) chunk partials (zeroed
+// here; stats adds rows [s0, s1) of chunk k to them), and dz a buffer of dz_elems values per
+// sample (nullptr when dz_elems is 0 or the plan is not cached: a buffer that does not stay in
+// the cache costs more than recomputing what it holds).
+template <typename acc_t, typename Prep, typename Stats, typename Finish, typename Apply>
+void nhwc_two_sweeps(const NhwcPlan& plan, int64_t N, int64_t S, int64_t C, int64_t rows,
+                     int64_t ncoef, int64_t dz_elems, const Prep& prep, const Stats& stats,
+                     const Finish& finish, const Apply& apply) {
+  const int64_t nchunks = (S + rows - 1) / rows;
+  const int64_t KC = nchunks * C;
+  const int64_t dzn = plan.cached ? dz_elems : 0;
+  const auto zero = [C](acc_t* p1, acc_t* p2) {
+    std::fill(p1, p1 + C, acc_t(0));
+    std::fill(p2, p2 + C, acc_t(0));
+  };
+  if (plan.per_sample) {
+    parallel_tasks(N, [&](const auto& next_task) {
+      std::vector<acc_t> p1(KC), p2(KC), coef(ncoef * C);
+      acc_t* dz = dzn > 0 ? thread_scratch<acc_t>(dzn) : nullptr;
+      for (int64_t n = next_task(); n >= 0; n = next_task()) {
+        prep(n, coef.data());
+        for (int64_t k = 0; k < nchunks; ++k) {
+          zero(p1.data() + k * C, p2.data() + k * C);
+          stats(n, k * rows, std::min(S, (k + 1) * rows), p1.data() + k * C, p2.data() + k * C,
+                coef.data(), dz);
+        }
+        finish(n, p1.data(), p2.data(), coef.data());
+        apply(n, 0, S, coef.data(), dz, false);
+      }
+    });
+    return;
+  }
+  const int64_t nb = plan.nb;
+  std::vector<acc_t> p1(nb * KC), p2(nb * KC), coef(nb * ncoef * C);  // per sample of a sweep
+  acc_t* dz = dzn > 0 ? thread_scratch<acc_t>(nb * dzn) : nullptr;
+  const auto dz_of = [&](int64_t i) { return dz != nullptr ? dz + i * dzn : nullptr; };
+  for (int64_t n0 = 0; n0 < N; n0 += nb) {
+    const int64_t nn = std::min(nb, N - n0);
+    for (int64_t i = 0; i < nn; ++i) prep(n0 + i, coef.data() + i * ncoef * C);
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
+        const int64_t i = t / nchunks, k = t % nchunks;
+        zero(p1.data() + t * C, p2.data() + t * C);
+        stats(n0 + i, k * rows, std::min(S, (k + 1) * rows), p1.data() + t * C,
+              p2.data() + t * C, coef.data() + i * ncoef * C, dz_of(i));
+      }
+    });
+    for (int64_t i = 0; i < nn; ++i) {
+      finish(n0 + i, p1.data() + i * KC, p2.data() + i * KC, coef.data() + i * ncoef * C);
+    }
+    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+      for (int64_t t = next_task(); t >= 0; t = next_task()) {
+        // a slab larger than the cache: backwards, last read first used
+        const int64_t tr = plan.cached ? t : nn * nchunks - 1 - t;
+        const int64_t i = tr / nchunks, k = tr % nchunks;
+        apply(n0 + i, k * rows, std::min(S, (k + 1) * rows), coef.data() + i * ncoef * C,
+              dz_of(i), !plan.cached);
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------- forward, NHWC
+// Adds the per-channel sums of (x - x[row 0]) and its square over rows [s0, s1) of one sample to
+// p1, p2. One row per step: four rows per step (the accumulators loaded and stored once per four
+// rows of x) ran 0-10% slower in the kernel (2026-11-30, AVX2 machine; faster only from L3 in a
+// microbenchmark): four interleaved streams confuse the hardware prefetcher more than the extra
+// L1 traffic costs.
 template <typename scalar_t, typename acc_t>
-void nhwc_stats_chunk(const scalar_t* xn, int64_t S, int64_t C, int64_t k, int64_t rows,
-                      acc_t* __restrict s1, acc_t* __restrict s2) {
-  std::fill(s1, s1 + C, acc_t(0));
-  std::fill(s2, s2 + C, acc_t(0));
-  const int64_t sEnd = std::min(S, (k + 1) * rows);
-  for (int64_t s = k * rows; s < sEnd; ++s) {
+void nhwc_stats_rows(const scalar_t* xn, int64_t C, int64_t s0, int64_t s1,
+                     acc_t* __restrict p1, acc_t* __restrict p2) {
+  const scalar_t* __restrict k = xn;
+  for (int64_t s = s0; s < s1; ++s) {
     const scalar_t* __restrict xr = xn + s * C;
     prefetch_ahead(xr, C);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const acc_t d = ld(xr[c]) - ld(xn[c]);
-      s1[c] += d;
-      s2[c] += d * d;
+      const acc_t d = ld(xr[c]) - ld(k[c]);
+      p1[c] += d;
+      p2[c] += d * d;
     }
   }
 }
@@ -424,62 +568,16 @@ void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part
   }
 }
 
+// y over rows [s0, s1) of one sample.
 template <int A, bool R, typename scalar_t, typename acc_t>
-void nhwc_apply_chunk(const scalar_t* xn, const scalar_t* rn, scalar_t* yn, int64_t S, int64_t C,
-                      int64_t k, int64_t rows, const acc_t* a, const acc_t* bc, bool stream) {
-  const int64_t sEnd = std::min(S, (k + 1) * rows);
-  for (int64_t s = k * rows; s < sEnd; ++s) {
-    prefetch_ahead(xn + s * C, C);
-    if constexpr (R) prefetch_ahead(rn + s * C, C);
-    apply_row_vec<A, R>(xn + s * C, R ? rn + s * C : nullptr, yn + s * C, C, a, bc, stream);
-  }
-}
-
-// ---------------------------------------------------------------- forward, NHWC
-// The schedule the NHWC forward and backward share. For each sample n:
-//   prep(n, coef) -> stats(n, k, s1, s2, coef) for every row chunk k -> finish(n, p1, p2, coef)
-//   -> apply(n, k, coef) for every chunk k,
-// with coef ncoef arrays of C values per sample and p1, p2 the (nchunks, C) chunk partials.
-// One task per sample (a single parallel region, no barriers) when the samples balance over the
-// threads; else nb samples at a time, their chunks shared by all threads (two regions per sweep).
-template <typename acc_t, typename Prep, typename Stats, typename Finish, typename Apply>
-void nhwc_two_sweeps(int64_t N, int64_t C, int64_t nchunks, int64_t nb, int64_t ncoef,
-                     const Prep& prep, const Stats& stats, const Finish& finish,
-                     const Apply& apply) {
-  const int64_t KC = nchunks * C;
-  if (per_sample_tasks(N)) {
-    parallel_tasks(N, [&](const auto& next_task) {
-      std::vector<acc_t> p1(KC), p2(KC), coef(ncoef * C);
-      for (int64_t n = next_task(); n >= 0; n = next_task()) {
-        prep(n, coef.data());
-        for (int64_t k = 0; k < nchunks; ++k) {
-          stats(n, k, p1.data() + k * C, p2.data() + k * C, coef.data());
-        }
-        finish(n, p1.data(), p2.data(), coef.data());
-        for (int64_t k = 0; k < nchunks; ++k) apply(n, k, coef.data());
-      }
-    });
-    return;
-  }
-  std::vector<acc_t> p1(nb * KC), p2(nb * KC), coef(nb * ncoef * C);  // per sample of a sweep
-  for (int64_t n0 = 0; n0 < N; n0 += nb) {
-    const int64_t nn = std::min(nb, N - n0);
-    for (int64_t i = 0; i < nn; ++i) prep(n0 + i, coef.data() + i * ncoef * C);
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        stats(n0 + i, k, p1.data() + t * C, p2.data() + t * C, coef.data() + i * ncoef * C);
-      }
-    });
-    for (int64_t i = 0; i < nn; ++i) {
-      finish(n0 + i, p1.data() + i * KC, p2.data() + i * KC, coef.data() + i * ncoef * C);
+void nhwc_apply_rows(const scalar_t* xn, const scalar_t* rn, scalar_t* yn, int64_t C, int64_t s0,
+                     int64_t s1, const acc_t* a, const acc_t* bc, bool stream, bool prefetch) {
+  for (int64_t s = s0; s < s1; ++s) {
+    if (prefetch) {
+      prefetch_ahead(xn + s * C, C);
+      if constexpr (R) prefetch_ahead(rn + s * C, C);
     }
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
-      for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        apply(n0 + i, k, coef.data() + i * ncoef * C);
-      }
-    });
+    apply_row_vec<A, R>(xn + s * C, R ? rn + s * C : nullptr, yn + s * C, C, a, bc, stream);
   }
 }
 
@@ -493,20 +591,20 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
+  const NhwcPlan plan = nhwc_plan(N, SC * static_cast<int64_t>(sizeof(scalar_t)) * (R ? 2 : 1));
   // coef: a (C), bc (C) with y = act(x * a + bc (+ r))
   nhwc_two_sweeps<acc_t>(
-      N, C, nchunks, samples_per_sweep(S, C, sizeof(scalar_t), N), 2,
-      [&](int64_t, acc_t*) {},
-      [&](int64_t n, int64_t k, acc_t* s1, acc_t* s2, const acc_t*) {
-        nhwc_stats_chunk(x + n * SC, S, C, k, rows, s1, s2);
+      plan, N, S, C, rows, 2, 0, [&](int64_t, acc_t*) {},
+      [&](int64_t n, int64_t s0, int64_t s1, acc_t* p1, acc_t* p2, const acc_t*, acc_t*) {
+        nhwc_stats_rows(x + n * SC, C, s0, s1, p1, p2);
       },
       [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
         nhwc_finish_stats(x + n * SC, p1, p2, nchunks, S, C, G, eps, w, b, mean + n * G,
                           rstd + n * G, coef, coef + C);
       },
-      [&](int64_t n, int64_t k, const acc_t* coef) {
-        nhwc_apply_chunk<A, R>(x + n * SC, R ? r + n * SC : nullptr, y + n * SC, S, C, k, rows,
-                               coef, coef + C, stream);
+      [&](int64_t n, int64_t s0, int64_t s1, const acc_t* coef, acc_t*, bool prefetch) {
+        nhwc_apply_rows<A, R>(x + n * SC, R ? r + n * SC : nullptr, y + n * SC, C, s0, s1, coef,
+                              coef + C, stream, prefetch);
       });
 }
 
@@ -630,36 +728,29 @@ GN_INLINE acc_t nhwc_dz(acc_t xv, const scalar_t* dyr, const scalar_t* rr, const
   return dz;
 }
 
-// Prefetches the rows of x, dy (and r) that the NHWC backward loops will read next.
-template <bool R, typename scalar_t>
-GN_INLINE void nhwc_bwd_prefetch(const scalar_t* xr, const scalar_t* dyr, const scalar_t* rr,
-                                 int64_t C) {
-  prefetch_ahead(xr, C);
-  prefetch_ahead(dyr, C);
-  if constexpr (R) prefetch_ahead(rr, C);
-}
-
-// Per-channel sums of dz * (x - mean) and dz over chunk k of one sample.
-template <int A, bool R, typename scalar_t, typename acc_t>
-void nhwc_bwd_stats_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn, int64_t S,
-                          int64_t C, int64_t k, int64_t rows, const acc_t* __restrict a,
-                          const acc_t* __restrict bz, const acc_t* __restrict mc,
-                          acc_t* __restrict s1,
-                          acc_t* __restrict s2) {
-  std::fill(s1, s1 + C, acc_t(0));
-  std::fill(s2, s2 + C, acc_t(0));
-  const int64_t sEnd = std::min(S, (k + 1) * rows);
-  for (int64_t s = k * rows; s < sEnd; ++s) {
+// Adds the per-channel sums of dz * (x - mean) and dz over rows [s0, s1) of one sample to p1, p2
+// (one row per step, as nhwc_stats_rows). With DZ (an activation, cached plan), dz is also
+// stored in dzb (indexed like the sample) so that the output pass does not compute act' again.
+template <int A, bool R, bool DZ, typename scalar_t, typename acc_t>
+void nhwc_bwd_stats_rows(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn, int64_t C,
+                         int64_t s0, int64_t s1, const acc_t* __restrict a,
+                         const acc_t* __restrict bz, const acc_t* __restrict mc,
+                         acc_t* __restrict dzb, acc_t* __restrict p1, acc_t* __restrict p2) {
+  for (int64_t s = s0; s < s1; ++s) {
     const scalar_t* __restrict xr = xn + s * C;
     const scalar_t* __restrict dyr = dyn + s * C;
     const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
-    nhwc_bwd_prefetch<R>(xr, dyr, rr, C);
+    acc_t* __restrict dzr = DZ ? dzb + s * C : nullptr;
+    prefetch_ahead(xr, C);
+    prefetch_ahead(dyr, C);
+    if constexpr (R) prefetch_ahead(rr, C);
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const acc_t xv = ld(xr[c]);
       const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
-      s1[c] += dz * (xv - mc[c]);
-      s2[c] += dz;
+      if constexpr (DZ) dzr[c] = dz;
+      p1[c] += dz * (xv - mc[c]);
+      p2[c] += dz;
     }
   }
 }
@@ -694,26 +785,37 @@ void nhwc_bwd_finish(const acc_t* part1, const acc_t* part2, int64_t nchunks, in
   }
 }
 
-template <int A, bool R, typename scalar_t, typename acc_t>
-void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn,
-                          scalar_t* dxn, scalar_t* dzn, int64_t S, int64_t C, int64_t k,
-                          int64_t rows, const acc_t* __restrict a, const acc_t* __restrict bz,
-                          const acc_t* __restrict mc, const acc_t* __restrict Bc,
-                          const acc_t* __restrict Dc, bool stream) {
-  const int64_t sEnd = std::min(S, (k + 1) * rows);
-  for (int64_t s = k * rows; s < sEnd; ++s) {
+// dx (and dz_out, the residual's gradient) over rows [s0, s1) of one sample; dz from dzb when
+// the statistics pass stored it (DZ), else recomputed from dy.
+template <int A, bool R, bool DZ, typename scalar_t, typename acc_t>
+void nhwc_bwd_apply_rows(const scalar_t* xn, const scalar_t* dyn, const scalar_t* rn,
+                          const acc_t* dzb, scalar_t* dxn, scalar_t* dzn, int64_t C, int64_t s0,
+                          int64_t s1, const acc_t* __restrict a,
+                          const acc_t* __restrict bz, const acc_t* __restrict mc,
+                          const acc_t* __restrict Bc, const acc_t* __restrict Dc, bool stream,
+                          bool prefetch) {
+  for (int64_t s = s0; s < s1; ++s) {
     const scalar_t* __restrict xr = xn + s * C;
     const scalar_t* __restrict dyr = dyn + s * C;
     const scalar_t* __restrict rr = R ? rn + s * C : nullptr;
+    const acc_t* __restrict dzr = DZ ? dzb + s * C : nullptr;
     scalar_t* __restrict dxr = dxn + s * C;
-    nhwc_bwd_prefetch<R>(xr, dyr, rr, C);
+    if (prefetch) {
+      prefetch_ahead(xr, C);
+      if constexpr (!DZ) prefetch_ahead(dyr, C);
+      if constexpr (R) prefetch_ahead(rr, C);
+    }
+    const auto dz_at = [&](acc_t xv, int64_t c) GN_INLINE_LAMBDA {
+      if constexpr (DZ) return dzr[c];
+      else return nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
+    };
     if (dzn != nullptr) {
-      scalar_t* __restrict dzr = dzn + s * C;
+      scalar_t* __restrict dzo = dzn + s * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const acc_t xv = ld(xr[c]);
-        const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
-        dzr[c] = st<scalar_t>(dz);
+        const acc_t dz = dz_at(xv, c);
+        dzo[c] = st<scalar_t>(dz);
         dxr[c] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
       }
     } else {
@@ -721,7 +823,7 @@ void nhwc_bwd_apply_chunk(const scalar_t* xn, const scalar_t* dyn, const scalar_
 #pragma omp simd
         for (int64_t c = i0; c < i1; ++c) {
           const acc_t xv = ld(xr[c]);
-          const acc_t dz = nhwc_dz<A, R>(xv, dyr, rr, a, bz, c);
+          const acc_t dz = dz_at(xv, c);
           out[c - i0] = st<scalar_t>(a[c] * dz + Bc[c] * (xv - mc[c]) + Dc[c]);
         }
       });
@@ -740,26 +842,42 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
   const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
+  const NhwcPlan plan = nhwc_plan(N, SC * static_cast<int64_t>(sizeof(scalar_t)) * (R ? 3 : 2));
   // coef: a, bz, mc (from the saved statistics), then Bc, Dc (from the chunk sums), C each
   nhwc_two_sweeps<acc_t>(
-      N, C, nchunks, samples_per_sweep(S, C, 2 * sizeof(scalar_t), N), 5,
+      plan, N, S, C, rows, 5, A != kNone ? SC : 0,
       [&](int64_t n, acc_t* coef) {
         nhwc_bwd_coef(w, b, mean + n * G, rstd + n * G, C, G, coef, coef + C, coef + 2 * C);
       },
-      [&](int64_t n, int64_t k, acc_t* s1, acc_t* s2, const acc_t* coef) {
+      [&](int64_t n, int64_t s0, int64_t s1, acc_t* p1, acc_t* p2, const acc_t* coef,
+          acc_t* dzb) {
         const int64_t o = n * SC;
-        nhwc_bwd_stats_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, S, C, k, rows, coef,
-                                   coef + C, coef + 2 * C, s1, s2);
+        const auto run = [&](auto dz) {
+          nhwc_bwd_stats_rows<A, R, decltype(dz)::value>(
+              x + o, dy + o, R ? r + o : nullptr, C, s0, s1, coef, coef + C, coef + 2 * C, dzb,
+              p1, p2);
+        };
+        if constexpr (A != kNone) {
+          if (dzb != nullptr) return run(std::true_type{});
+        }
+        run(std::false_type{});
       },
       [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
         nhwc_bwd_finish(p1, p2, nchunks, S, C, G, w, mean + n * G, rstd + n * G, ds + n * C,
                         db + n * C, coef + 3 * C, coef + 4 * C);
       },
-      [&](int64_t n, int64_t k, const acc_t* coef) {
+      [&](int64_t n, int64_t s0, int64_t s1, const acc_t* coef, acc_t* dzb, bool prefetch) {
         const int64_t o = n * SC;
-        nhwc_bwd_apply_chunk<A, R>(x + o, dy + o, R ? r + o : nullptr, dx + o,
-                                   dz_out ? dz_out + o : nullptr, S, C, k, rows, coef, coef + C,
-                                   coef + 2 * C, coef + 3 * C, coef + 4 * C, stream);
+        const auto run = [&](auto dz) {
+          nhwc_bwd_apply_rows<A, R, decltype(dz)::value>(
+              x + o, dy + o, R ? r + o : nullptr, dzb, dx + o, dz_out ? dz_out + o : nullptr, C,
+              s0, s1, coef, coef + C, coef + 2 * C, coef + 3 * C, coef + 4 * C, stream,
+              prefetch);
+        };
+        if constexpr (A != kNone) {
+          if (dzb != nullptr) return run(std::true_type{});
+        }
+        run(std::false_type{});
       });
 }
 
