@@ -448,58 +448,79 @@ GN_INLINE void prefetch_ahead(const T* row, int64_t n) {
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
 }
 
+// Chunks per block: a block (about 128K elements) is one statistics task of a sweep; its chunks'
+// fp32 partials are added in double, in chunk order, into one partial per block, so that the
+// serial finish (per sample) adds nblocks, not nchunks, partials per channel. Fixed by the shape.
+inline int64_t chunks_per_block(int64_t rows, int64_t C) {
+  return std::max<int64_t>(1, (int64_t(1) << 17) / (rows * C));
+}
+
 // The schedule the NHWC forward and backward share. For each sample n:
-//   prep(n, coef) -> stats(n, s0, s1, p1_k, p2_k, coef, dz) over the rows of every chunk k
-//   -> finish(n, p1, p2, coef) -> apply(n, s0, s1, coef, dz, prefetch) over all rows,
-// with coef ncoef arrays of C values per sample, p1, p2 the (nchunks, C) chunk partials (zeroed
-// here; stats adds rows [s0, s1) of chunk k to them), and dz a buffer of dz_elems values per
-// sample (nullptr when dz_elems is 0 or the plan is not cached: a buffer that does not stay in
-// the cache costs more than recomputing what it holds).
+//   prep(n, coef) -> stats(n, s0, s1, p1, p2, coef, dz) over the rows [s0, s1) of every chunk
+//   -> finish(n, q1, q2, nblocks, coef) -> apply(n, s0, s1, coef, dz, prefetch) over all rows,
+// with coef ncoef arrays of C values per sample; stats adds one chunk's sums to p1, p2 (C values,
+// zeroed here before each chunk), which are added in double to the (nblocks, C) block partials
+// q1, q2; dz a buffer of dz_elems values per sample (nullptr when dz_elems is 0 or the plan is
+// not cached: a buffer that does not stay in the cache costs more than recomputing what it
+// holds).
 template <typename acc_t, typename Prep, typename Stats, typename Finish, typename Apply>
 void nhwc_two_sweeps(const NhwcPlan& plan, int64_t N, int64_t S, int64_t C, int64_t rows,
                      int64_t ncoef, int64_t dz_elems, const Prep& prep, const Stats& stats,
                      const Finish& finish, const Apply& apply) {
   const int64_t nchunks = (S + rows - 1) / rows;
-  const int64_t KC = nchunks * C;
+  const int64_t kb = chunks_per_block(rows, C);
+  const int64_t nblocks = (nchunks + kb - 1) / kb;
+  const int64_t BC = nblocks * C;
   const int64_t dzn = plan.cached ? dz_elems : 0;
-  const auto zero = [C](acc_t* p1, acc_t* p2) {
-    std::fill(p1, p1 + C, acc_t(0));
-    std::fill(p2, p2 + C, acc_t(0));
+  // block j of sample n into q1, q2 (C doubles each), using p (2 C values) as scratch
+  const auto block = [&](int64_t n, int64_t j, double* q1, double* q2, acc_t* p,
+                         const acc_t* coef, acc_t* dz) {
+    std::fill(q1, q1 + C, 0.0);
+    std::fill(q2, q2 + C, 0.0);
+    for (int64_t k = j * kb; k < std::min(nchunks, (j + 1) * kb); ++k) {
+      std::fill(p, p + 2 * C, acc_t(0));
+      stats(n, k * rows, std::min(S, (k + 1) * rows), p, p + C, coef, dz);
+      for (int64_t c = 0; c < C; ++c) {
+        q1[c] += p[c];
+        q2[c] += p[C + c];
+      }
+    }
   };
   if (plan.per_sample) {
     parallel_tasks(N, [&](const auto& next_task) {
-      std::vector<acc_t> p1(KC), p2(KC), coef(ncoef * C);
+      std::vector<double> q1(BC), q2(BC);
+      std::vector<acc_t> p(2 * C), coef(ncoef * C);
       acc_t* dz = dzn > 0 ? thread_scratch<acc_t>(dzn) : nullptr;
       for (int64_t n = next_task(); n >= 0; n = next_task()) {
         prep(n, coef.data());
-        for (int64_t k = 0; k < nchunks; ++k) {
-          zero(p1.data() + k * C, p2.data() + k * C);
-          stats(n, k * rows, std::min(S, (k + 1) * rows), p1.data() + k * C, p2.data() + k * C,
-                coef.data(), dz);
+        for (int64_t j = 0; j < nblocks; ++j) {
+          block(n, j, q1.data() + j * C, q2.data() + j * C, p.data(), coef.data(), dz);
         }
-        finish(n, p1.data(), p2.data(), coef.data());
+        finish(n, q1.data(), q2.data(), nblocks, coef.data());
         apply(n, 0, S, coef.data(), dz, false);
       }
     });
     return;
   }
   const int64_t nb = plan.nb;
-  std::vector<acc_t> p1(nb * KC), p2(nb * KC), coef(nb * ncoef * C);  // per sample of a sweep
+  std::vector<double> q1(nb * BC), q2(nb * BC);  // per sample of a sweep
+  std::vector<acc_t> coef(nb * ncoef * C);
   acc_t* dz = dzn > 0 ? thread_scratch<acc_t>(nb * dzn) : nullptr;
   const auto dz_of = [&](int64_t i) { return dz != nullptr ? dz + i * dzn : nullptr; };
   for (int64_t n0 = 0; n0 < N; n0 += nb) {
     const int64_t nn = std::min(nb, N - n0);
     for (int64_t i = 0; i < nn; ++i) prep(n0 + i, coef.data() + i * ncoef * C);
-    parallel_tasks(nn * nchunks, [&](const auto& next_task) {
+    parallel_tasks(nn * nblocks, [&](const auto& next_task) {
+      std::vector<acc_t> p(2 * C);
       for (int64_t t = next_task(); t >= 0; t = next_task()) {
-        const int64_t i = t / nchunks, k = t % nchunks;
-        zero(p1.data() + t * C, p2.data() + t * C);
-        stats(n0 + i, k * rows, std::min(S, (k + 1) * rows), p1.data() + t * C,
-              p2.data() + t * C, coef.data() + i * ncoef * C, dz_of(i));
+        const int64_t i = t / nblocks, j = t % nblocks;
+        block(n0 + i, j, q1.data() + t * C, q2.data() + t * C, p.data(),
+              coef.data() + i * ncoef * C, dz_of(i));
       }
     });
     for (int64_t i = 0; i < nn; ++i) {
-      finish(n0 + i, p1.data() + i * KC, p2.data() + i * KC, coef.data() + i * ncoef * C);
+      finish(n0 + i, q1.data() + i * BC, q2.data() + i * BC, nblocks,
+             coef.data() + i * ncoef * C);
     }
     parallel_tasks(nn * nchunks, [&](const auto& next_task) {
       for (int64_t t = next_task(); t >= 0; t = next_task()) {
@@ -535,11 +556,11 @@ void nhwc_stats_rows(const scalar_t* xn, int64_t C, int64_t s0, int64_t s1,
   }
 }
 
-// Chunk partials (nchunks, C) of one sample -> its groups' mean/rstd (Chan's formula in double)
+// Block partials (nblocks, C) of one sample -> its groups' mean/rstd (Chan's formula in double)
 // and the per-channel affine coefficients y = x * a + bc.
 template <typename scalar_t, typename acc_t>
-void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part2,
-                       int64_t nchunks, int64_t S, int64_t C, int64_t G, double eps,
+void nhwc_finish_stats(const scalar_t* xn, const double* part1, const double* part2,
+                       int64_t nblocks, int64_t S, int64_t C, int64_t G, double eps,
                        const acc_t* w, const acc_t* b, acc_t* mean_n, acc_t* rstd_n, acc_t* a,
                        acc_t* bc) {
   const int64_t Cg = C / G;
@@ -549,7 +570,7 @@ void nhwc_finish_stats(const scalar_t* xn, const acc_t* part1, const acc_t* part
     for (int64_t cc = 0; cc < Cg; ++cc) {
       const int64_t c = g * Cg + cc;
       double S1 = 0, S2 = 0;
-      for (int64_t k = 0; k < nchunks; ++k) {
+      for (int64_t k = 0; k < nblocks; ++k) {
         S1 += part1[k * C + c];
         S2 += part2[k * C + c];
       }
@@ -594,7 +615,6 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
               double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = rows_per_chunk(C);
-  const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
   const NhwcPlan plan = nhwc_plan(N, SC * static_cast<int64_t>(sizeof(scalar_t)) * (R ? 2 : 1));
@@ -604,8 +624,8 @@ void fwd_nhwc(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
       [&](int64_t n, int64_t s0, int64_t s1, acc_t* p1, acc_t* p2, const acc_t*, acc_t*) {
         nhwc_stats_rows(x + n * SC, C, s0, s1, p1, p2);
       },
-      [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
-        nhwc_finish_stats(x + n * SC, p1, p2, nchunks, S, C, G, eps, w, b, mean + n * G,
+      [&](int64_t n, const double* q1, const double* q2, int64_t nblocks, acc_t* coef) {
+        nhwc_finish_stats(x + n * SC, q1, q2, nblocks, S, C, G, eps, w, b, mean + n * G,
                           rstd + n * G, coef, coef + C);
       },
       [&](int64_t n, int64_t s0, int64_t s1, const acc_t* coef, acc_t*, bool prefetch) {
@@ -763,15 +783,15 @@ void nhwc_bwd_stats_rows(const scalar_t* xn, const scalar_t* dyn, const scalar_t
   }
 }
 
-// Chunk partials -> ds/db of sample n (double, kept for dw/db) and the dx coefficients B, D.
+// Block partials -> ds/db of sample n (double, kept for dw/db) and the dx coefficients B, D.
 template <typename acc_t>
-void nhwc_bwd_finish(const acc_t* part1, const acc_t* part2, int64_t nchunks, int64_t S,
+void nhwc_bwd_finish(const double* part1, const double* part2, int64_t nblocks, int64_t S,
                      int64_t C, int64_t G, const acc_t* w, const acc_t* mean_n,
                      const acc_t* rstd_n, double* ds_n, double* db_n, acc_t* Bc, acc_t* Dc) {
   const int64_t Cg = C / G;
   for (int64_t c = 0; c < C; ++c) {
     double S1 = 0, S2 = 0;
-    for (int64_t k = 0; k < nchunks; ++k) {
+    for (int64_t k = 0; k < nblocks; ++k) {
       S1 += part1[k * C + c];
       S2 += part2[k * C + c];
     }
@@ -848,7 +868,6 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
               int64_t S, int64_t G) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rows = rows_per_chunk(C);
-  const int64_t nchunks = (S + rows - 1) / rows;
   const int64_t SC = S * C;
   const bool stream = nhwc_streams<scalar_t>(N, S, C);
   const NhwcPlan plan = nhwc_plan(N, SC * static_cast<int64_t>(sizeof(scalar_t)) * (R ? 3 : 2));
@@ -871,8 +890,8 @@ void bwd_nhwc(const scalar_t* dy, const scalar_t* x, const scalar_t* r,
         }
         run(std::false_type{});
       },
-      [&](int64_t n, const acc_t* p1, const acc_t* p2, acc_t* coef) {
-        nhwc_bwd_finish(p1, p2, nchunks, S, C, G, w, mean + n * G, rstd + n * G, ds + n * C,
+      [&](int64_t n, const double* q1, const double* q2, int64_t nblocks, acc_t* coef) {
+        nhwc_bwd_finish(q1, q2, nblocks, S, C, G, w, mean + n * G, rstd + n * G, ds + n * C,
                         db + n * C, coef + 3 * C, coef + 4 * C);
       },
       [&](int64_t n, int64_t s0, int64_t s1, const acc_t* coef, acc_t* dzb, bool prefetch) {
