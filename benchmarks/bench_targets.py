@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="1 repeat, 0.2 s per contender")
     p.add_argument("--no-crossover", action="store_true", help="skip the small-shape ladder")
+    p.add_argument("--only-crossover", action="store_true", help="only the small-shape ladder")
     p.add_argument("--shapes", default=None, type=lambda t: [bench._parse_shape(v) for v in
                                                               t.split(",")],
                    help="operator shapes instead of `groupnorm bench --shapes all`")
@@ -275,13 +276,15 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     allocator = "reuse" if bench.reuse_freed_memory() else "fresh-pages"
     load_before = os.getloadavg()
-    op_rows = operator_rows(args.repeats, args.min_time, args.shapes or bench.ALL_SHAPES,
-                            allocator)
+    op_rows = ([] if args.only_crossover else
+               operator_rows(args.repeats, args.min_time, args.shapes or bench.ALL_SHAPES,
+                             allocator))
     cross = ([] if args.no_crossover
              else crossover_rows(args.repeats, args.min_time / 2, args.ladder_hw))
     env = _env_lines(load_before, os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    _write_csv(op_rows, args.out.with_name(args.out.name + ".csv"))
+    if op_rows:
+        _write_csv(op_rows, args.out.with_name(args.out.name + ".csv"))
     if cross:
         _write_csv(cross, args.out.with_name(args.out.name + "-crossover.csv"))
     md = markdown(op_rows, cross, env)
