@@ -274,11 +274,14 @@ def test_errors_and_auto():
     assert auto_backend(big[:1, :, :8, :8], 32, None, None) == "torch"  # too small
     huge = torch.randn(8, 256, 56, 56).contiguous(memory_format=torch.channels_last)
     assert auto_backend(huge.requires_grad_(), 32, None, None) == "cpu"
-    nchw = torch.randn(8, 64, 64, 64)  # 2M elements: the NCHW fused threshold (training)
+    nchw = torch.randn(8, 64, 64, 64)  # 2M elements, above the NCHW fused thresholds
     assert auto_backend(nchw.requires_grad_(), 32, "silu", None) == "cpu"
     with torch.no_grad():
-        assert auto_backend(nchw, 32, "silu", None) == "torch"  # fused inference: measured no win
-    assert auto_backend(nchw, 32, None, None) == "torch"
+        assert auto_backend(nchw, 32, "silu", None) == "cpu"
+        assert auto_backend(torch.randn(2, 64, 16, 15), 32, "silu", None) == "torch"  # 30K
+    assert auto_backend(nchw, 32, None, None) == "torch"  # plain NCHW: never measured >= 1.1x
+    cl_small = torch.randn(2, 16, 16, 16).contiguous(memory_format=torch.channels_last)  # 8K
+    assert auto_backend(cl_small, 4, None, None) == "torch"
 
 
 def test_fallback_to_torch_when_extension_missing(monkeypatch):

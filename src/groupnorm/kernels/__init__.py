@@ -64,28 +64,26 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# backend="auto" on the CPU, from `groupnorm bench` and a small-shape sweep on a shared 2-core
-# AMD EPYC (BENCHMARKS.md). Rule: the C++ path only where it was >= 1.2x torch in the median of
-# the same-run ratios and never measured slower at an idle moment, on 1 thread, or at any size
-# above the threshold. Key: (channels_last, fused act/residual, training = grad enabled and x
-# requires grad); value: the range [min, max) of x.numel() routed to the C++ path, or None
-# (always torch). Below ~256K elements the per-call overhead (~40 us fwd+bwd) outweighs the
-# kernels' gain.
+# backend="auto" on the CPU. Key: (channels_last, fused act/residual, training = grad enabled
+# and x requires grad); value: the range [min, max) of x.numel() routed to the C++ path, or None
+# (always torch). Rule: the C++ path from the smallest size of a ladder (benchmarks/
+# bench_targets.py: (4, 64, H, H), 4K to 4M elements, G = 32, group_norm(backend="cpu") vs
+# backend="torch", SiLU for "fused") from which every larger size ran >= 1.1x torch in the
+# median of 3 repeats, at 1 thread and at 2 (the larger of the two crossovers; of two runs, the
+# larger), else None. Measured 2026-11-30 on the 2-core AVX2 AMD EPYC (BENCHMARKS.md; load
+# average 1-5, so the 2-thread ladder was often quantized by the 4 ms scheduler tick).
+# Below the crossovers the per-call overhead (~10-20 us) outweighs the kernels' gain.
 CPU_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
-    (False, False, False): None,  # NCHW inference: median 1.24x, 0.95-1.06x at quiet moments
-    (False, False, True): None,  # NCHW training: 0.56-0.74x up to 3.2M elements
-    # NCHW GN+SiLU inference: 1.13-1.61x on the Zen 4 machine, but 0.88-1.10x on an AVX2 one
-    # (2026-11-23, exp-bound: BENCHMARKS.md), so torch
-    (False, True, False): None,
-    (False, True, True): (1 << 21, 1 << 62),  # NCHW GN+SiLU training: 1.32-2.59x from 2M
-    # Channels-last: aten's CPU kernel is not robust (E[x²]−E[x]² in fp32), so the "torch"
-    # backend copies to NCHW and back; against *that* path the C++ kernel measured 3-5x (fwd)
-    # and 2.3-2.8x (fwd+bwd) from 256K to 6.4M elements (BENCHMARKS.md). Below 256K the copies
-    # are cheap and the C++ path's per-call overhead dominates.
-    (True, False, False): (1 << 18, 1 << 62),
-    (True, False, True): (1 << 18, 1 << 62),
-    (True, True, False): (1 << 18, 1 << 62),
-    (True, True, True): (1 << 18, 1 << 62),
+    (False, False, False): None,  # NCHW inference: 0.99-1.20x torch from 132K, 0.70-0.93x below
+    (False, False, True): None,  # NCHW training: 1.01-1.10x from 506K, 0.61-0.93x below
+    (False, True, False): (65536, 1 << 62),  # NCHW GN+SiLU inference: 1.22-1.72x from 64K
+    (False, True, True): (518400, 1 << 62),  # NCHW GN+SiLU training: 1.16-2.0x from 506K
+    # Channels-last: the "torch" backend copies to NCHW and back (aten's channels-last CPU
+    # kernel takes E[x²]−E[x]² in fp32), which the C++ path beats from ~10K elements.
+    (True, False, False): (9216, 1 << 62),  # 1.31-11x from 9K (1.00x at 4K)
+    (True, False, True): (30976, 1 << 62),  # 1.23-5.3x from 30K (0.89-1.05x below)
+    (True, True, False): (9216, 1 << 62),  # 1.32-6.7x from 9K
+    (True, True, True): (9216, 1 << 62),  # 1.29-5.8x from 9K
 }
 # dtypes measured on the C++ path (fp16 shares bf16's code but has not been benchmarked).
 CPU_AUTO_DTYPES = (torch.float32, torch.bfloat16)
