@@ -394,7 +394,11 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
 // Not done: overlapping a thread's statistics pass over its next sample with the output pass of
 // the previous one (row by row, so that DRAM reads and writes run together as in a copy). On
 // the AVX2 machine of 2026-11-30 (1 thread, CPU time, same process) it left the forward where it
-// was (0.90-1.04x) and made the backward 5-23% slower.
+// was (0.90-1.04x) and made the backward 5-23% slower. Nor column tasks (one task = a block of
+// whole groups, 256-byte row segments, of all rows of a sample: its second read would come from
+// the thread's own cache, and a sample with N = 1 would need no second parallel region): in a
+// C++ prototype (1 thread, 2026-11-30) they reached 0.35 of a memcpy from DRAM against 0.74 for
+// whole rows (strided 256-byte reads), and only matched them from L3.
 // Chunks depend on C only, partials of a chunk are summed in row order and chunks are combined
 // in a fixed order: every schedule and thread count gives the same bits.
 
