@@ -7,8 +7,9 @@ Three parts, each printed as it finishes:
   CIFAR ResNets' layer shapes (C, H = 16, 32 / 32, 16 / 64, 8; W = 4, n = 2 and 32; NCHW and
   channels-last): ``whole`` is one aten call on the whole batch (the target), ``before`` the
   per-chunk tensor ops (``per_chunk_batch_norm``, what ``BatchNorm(virtual_batch=n)`` ran
-  before), ``now`` ``BatchNorm(virtual_batch=n)``. Columns: whole µs, before ÷ whole,
-  now ÷ whole, before ÷ now.
+  before), ``now`` ``BatchNorm(virtual_batch=n)``, ``folded`` the workers folded into the
+  channel dim of one aten call (transposed copies in and out). Columns: whole µs, before ÷
+  whole, now ÷ whole, folded ÷ whole, before ÷ now.
 * ``step``: one SGD training step (forward, cross-entropy, backward, update) of resnet20 with BN,
   W = 4: img/s of the whole-batch BN and of the two virtual-worker paths, and the same ratios.
 * ``stats``: per worker, the mean and unbiased variance of the two paths against the exact
@@ -94,6 +95,20 @@ class Table:
         print(" ".join(f"{row[c]!s:>{max(len(c), 13)}}" for c in self.columns), flush=True)
 
 
+def folded_batch_norm(x: torch.Tensor, n: int, weight: torch.Tensor, bias: torch.Tensor,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """The alternative not taken: the W workers folded into the channel dim of one aten call.
+
+    (W·n, C, L) -> (n, W·C, L) is a transposed copy (W and C are not adjacent in memory, in NCHW
+    or channels-last), and so is the way back; autograd adds the same two for the gradient.
+    """
+    w = x.shape[0] // n
+    c = x.shape[1]
+    folded = x.reshape(w, n, c, -1).transpose(0, 1).reshape(n, w * c, -1)
+    y = F.batch_norm(folded, None, None, weight.repeat(w), bias.repeat(w), True, 0.0, eps)
+    return y.reshape(n, w, c, -1).transpose(0, 1).reshape(x.shape)
+
+
 def _op_case(c: int, h: int, n: int, layout: str, workers: int, rounds: int) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(workers * n, c, h, h, generator=g)
@@ -110,19 +125,24 @@ def _op_case(c: int, h: int, n: int, layout: str, workers: int, rounds: int) -> 
         with per_chunk_path():
             fwd_bwd(before)
 
-    t = race({"whole": lambda: fwd_bwd(whole), "before": run_before, "now": lambda: fwd_bwd(now)},
-             rounds, reps=20 if n == 2 else 3)
+    def run_folded() -> None:
+        y = folded_batch_norm(x, n, now.weight, now.bias)
+        torch.autograd.grad(y, (x, now.weight, now.bias), dy)
+
+    t = race({"whole": lambda: fwd_bwd(whole), "before": run_before, "now": lambda: fwd_bwd(now),
+              "folded": run_folded}, rounds, reps=20 if n == 2 else 3)
     return {"C": c, "HxW": f"{h}x{h}", "n": n, "layout": layout,
             "whole_us": round(t["whole"] * 1e6, 1),
             "before/whole": round(t["before"] / t["whole"], 3),
             "now/whole": round(t["now"] / t["whole"], 3),
+            "folded/whole": round(t["folded"] / t["whole"], 3),
             "before/now": round(t["before"] / t["now"], 3)}
 
 
 def op_part(rounds: int, workers: int) -> Table:
     table = Table(f"op: one BN layer, fwd+bwd, W = {workers} (CPU µs; ratios of CPU time)",
                   ["C", "HxW", "n", "layout", "whole_us", "before/whole", "now/whole",
-                   "before/now"])
+                   "folded/whole", "before/now"])
     for c, h in ((16, 32), (32, 16), (64, 8)):
         for n in (2, 32):
             for layout in ("NCHW", "channels_last"):
