@@ -32,6 +32,8 @@ BACKENDS = ("auto", "reference", "torch", "triton", "cpu")
 
 def _positive_int(name: str, value: object) -> int:
     """value as an int when it is a positive integer of any integral type (numpy's too)."""
+    if type(value) is int and value > 0:  # the common case, without the ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r} "
                          f"(of type {type(value).__name__})")
@@ -66,6 +68,8 @@ def _nearest_divisor(n: int, target: int) -> int:
 
 
 def _check_eps(eps: object) -> float:
+    if type(eps) is float and 0 <= eps < math.inf:  # the common case, without the ABC check
+        return eps
     if (isinstance(eps, bool) or not isinstance(eps, numbers.Real)
             or not (math.isfinite(eps) and eps >= 0)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
@@ -165,7 +169,13 @@ def group_norm(
         group_size: channels per group, as an alternative to ``num_groups`` (exactly one).
         activation: None, ``"relu"``, ``"silu"`` or ``"gelu"`` applied last.
         residual: a tensor of x's shape added before the activation.
-        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"cpu"``.
+        backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or ``"cpu"``. Under
+            ``torch.func`` transforms, forward AD, ``torch.export``, ONNX export, FX tracing
+            and dispatch modes every backend runs the composite aten path (torch's derivatives
+            and batching rules); see :mod:`groupnorm.modes`.
+
+    Raises:
+        ValueError / TypeError naming the values and the fix, before any work is queued.
 
     Example:
         >>> x = torch.randn(2, 64, 8, 8)

@@ -8,7 +8,10 @@ The core (:func:`groupnorm.group_norm`) dispatches through two functions defined
 Both backends are ``torch.library`` custom ops (``groupnorm::gn_{cpu,triton}_{fwd,bwd}``, see
 :mod:`groupnorm.kernels.ops`), so they are differentiable and ``torch.compile(fullgraph=True)``
 traces them without graph breaks; eager calls reach the same kernels through a cheaper
-``autograd.Function``. Statistics are always fp32 (fp64 for fp64 inputs).
+``autograd.Function``. Statistics are always fp32 (fp64 for fp64 inputs). The kernels compute
+the forward and first-order gradients of plain tensors; every other mode is sent to the
+composite path by :func:`groupnorm.group_norm` before it gets here, or, for a second derivative,
+by the backward itself (:mod:`groupnorm.kernels.ops`).
 """
 
 from __future__ import annotations

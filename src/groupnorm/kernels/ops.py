@@ -9,7 +9,10 @@ Inputs reaching these ops are already normalized by :func:`groupnorm.kernels.gro
 x dense in one of the two layouts, weight/bias in the op-math dtype (never None), residual in x's
 layout and dtype. Saved for backward: x, mean and rstd (op-math dtype, ``(N, G)``), weight and
 bias (``C`` values) and — only when an activation is fused after a residual add — the residual,
-because act'(z) needs z = GN(x)·w + b + r.
+because act'(z) needs z = GN(x)·w + b + r. The backward kernels are not differentiable: under
+``create_graph=True``, batched gradients or a dispatch mode the backward returns
+:func:`groupnorm.composite.group_norm_backward_composite` instead, which autograd can
+differentiate again (torch's second derivatives, never zero).
 """
 
 from __future__ import annotations
