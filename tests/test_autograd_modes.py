@@ -374,6 +374,34 @@ def test_dx_keeps_memory_format(backend, label, shape, groups, fmt, dtype):
     assert _rel_err(dx, want[0]) <= tol and _rel_err(dr, want[1]) <= tol
 
 
+@pytest.mark.parametrize("label,shape,groups,fmt", LAYOUTS[:2], ids=LAYOUT_IDS[:2])
+def test_dispatch_modes_and_subclasses_take_aten_ops(backend, label, shape, groups, fmt):
+    """FakeTensor, make_fx (symbolic shapes), FlopCounter and tensor subclasses see aten's
+    group_norm, never the kernels (which need real, plain storage)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, w, b, r = _inputs(shape, fmt, torch.float32)
+    f = ours(backend, groups, "silu")
+    with FakeTensorMode() as mode:
+        y = f(mode.from_tensor(x), mode.from_tensor(w), mode.from_tensor(b), mode.from_tensor(r))
+        assert y.shape == x.shape
+    gm = make_fx(f, tracing_mode="symbolic")(x, w, b, r)
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("group_norm" in t for t in targets) and not any("groupnorm" in t for t in targets)
+    torch.testing.assert_close(gm(x, w, b, r), f(x, w, b, r))
+    with FlopCounterMode(display=False) as counter:
+        f(x, w, b, r)
+    assert counter.get_total_flops() >= 0
+
+    class Logged(torch.Tensor):
+        pass
+
+    y = f(x.as_subclass(Logged), w, b, r)
+    assert type(y) is Logged and _rel_err(y, theirs(groups, "silu")(x, w, b, r)) <= 1e-6
+
+
 # --- triton, under the interpreter --------------------------------------------------------------
 
 @pytest.mark.skipif(INTERPRET, reason="this process already runs the triton cases")

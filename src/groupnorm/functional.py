@@ -138,6 +138,7 @@ def _check_inputs(x: torch.Tensor, num_channels: int, weight: torch.Tensor | Non
 
 
 _warned_fallback: set[str] = set()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def group_norm(
@@ -192,7 +193,8 @@ def group_norm(
                 residual=residual, backend=backend)
         subclass = True  # e.g. ExpandedWeights: they hook F.group_norm, so take that path
     else:
-        subclass = False
+        # subclasses that work below __torch_function__ (DTensor, FakeTensor...) get aten ops too
+        subclass = any(t is not None and type(t) not in _PLAIN for t in (x, weight, bias, residual))
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     num_channels = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else -1
