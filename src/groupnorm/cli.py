@@ -186,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     import groupnorm
-    from groupnorm.reference import group_norm_reference
+    from groupnorm.oracle import group_norm_reference
 
     torch.manual_seed(args.seed)
     n, c, h, w, g = args.shape

@@ -139,7 +139,7 @@ class BatchNorm(_BatchNorm):
                  ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
         """Normalize x in chunks of ``chunk`` samples, each with its own statistics; returns y and
         the statistics (not yet folded into the running buffers)."""
-        from ..reference import memory_format_of
+        from ..layout import memory_format_of
 
         xf, mean, var, count = _chunk_stats(x, chunk)
         y = self._affine(self._normalize_chunks(xf, mean, var), (1, 1, self.num_features, 1))
@@ -295,7 +295,7 @@ class SyncBatchNorm(BatchNorm):
         self._check_input_dim(input)
         if not self._use_batch_stats() or self._world() == 1:
             return super().forward(input)
-        from ..reference import memory_format_of
+        from ..layout import memory_format_of
 
         c = self.num_features
         xf = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
