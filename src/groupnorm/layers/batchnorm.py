@@ -142,7 +142,7 @@ def per_chunk_batch_norm(x: torch.Tensor, n: int, weight: torch.Tensor | None = 
     fp16/bf16 input), applies the affine. Returns ``(y, means, unbiased_vars)``, the last two of
     shape (chunks, C): what the running statistics average.
     """
-    from ..reference import memory_format_of
+    from ..layout import memory_format_of
 
     c = x.shape[1]
     shape = (1, 1, c, 1)
@@ -398,7 +398,7 @@ class SyncBatchNorm(BatchNorm):
         self._check_input_dim(input)
         if not self._use_batch_stats() or self._world() == 1:
             return super().forward(input)
-        from ..reference import memory_format_of
+        from ..layout import memory_format_of
 
         c = self.num_features
         xf = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
