@@ -9,6 +9,10 @@ TORCH_INDEX ?=
 # range covers the GPU machine's 3.6 and this machine's 3.9.
 TRITON_SPEC ?= triton>=3.6,<3.10
 PYTEST_ARGS ?=
+# Data the checkout's studies read (cifar10-jpeg.tar.gz) when it sits beside the checkout:
+# appended to the user's own GROUPNORM_DATA (a search path) for the test and run targets.
+SHARED_DATA := $(abspath ../shared/data)
+DATA_PATH   := $(if $(wildcard $(SHARED_DATA)),$(if $(GROUPNORM_DATA),$(GROUPNORM_DATA):)$(SHARED_DATA),$(GROUPNORM_DATA))
 BIN          = $(VENV)/bin
 # one stamp per torch spec: changing TORCH_SPEC reinstalls instead of keeping the old torch
 STAMP        = $(VENV)/.installed-$(subst =,_,$(subst <,_,$(subst >,_,$(subst $(space),_,$(TORCH_SPEC)))))
@@ -36,6 +40,8 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	    || echo "warning: could not install dataset-fashion-mnist; tests that need it will skip"; \
 	else echo "note: dataset-fashion-mnist not installed (needs root + apt); tests that need it will skip"; fi
+
+run test test-slow bench: export GROUPNORM_DATA := $(DATA_PATH)
 
 run: install data
 	$(BIN)/python -m groupnorm reproduce --preset quick --jobs 2 --out runs/quick

@@ -2,7 +2,7 @@
 
 ``bare``: the training step alone -- forward, cross-entropy, backward, SGD update -- over batches
 that were cut by the loader beforehand (so no data time), with the same model, virtual workers
-and batch size as the harness. ``harness``: one epoch of :func:`groupnorm.experiments.train`
+and batch size as the harness. ``harness``: one epoch of :func:`groupnorm.experiments.loop.train`
 (loader, bookkeeping, LR schedule, the epoch row, the checkpoint), its training time per step
 (the per-epoch evaluation is reported apart: it is not per step). The two alternate
 (harness, bare, bare, harness, ...) so that drifts of a shared machine hit both.
@@ -35,21 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import groupnorm  # noqa: E402
 from groupnorm import data as gdata  # noqa: E402
-from groupnorm.experiments.config import load_preset, make_config  # noqa: E402
+from groupnorm.experiments import loop  # noqa: E402
+from groupnorm.experiments.config import make_config  # noqa: E402
+from groupnorm.experiments.presets import load_preset  # noqa: E402
+from groupnorm.experiments.recipe import NormSpec, build_model, load_data, make_optimizer  # noqa: E402
+from groupnorm.experiments.runtime import seed_everything  # noqa: E402
 from groupnorm.experiments.store import Store  # noqa: E402
-from groupnorm.experiments.train import (  # noqa: E402
-    build_model,
-    load_data,
-    make_optimizer,
-    seed_everything,
-    train,
-)
 
 
 def bare_step_seconds(cfg, train_set, clock) -> float:
     """Seconds per optimizer step of the training step alone, over one epoch's batches."""
     seed_everything(cfg.seed)
-    model = build_model(cfg, train_set)
+    model = build_model(cfg, NormSpec.resolve(cfg.norm, cfg.norm_options),
+                        int(train_set.images.shape[1]), train_set.num_classes)
     groupnorm.set_virtual_batch(model, cfg.batch_size if cfg.workers > 1 else None)
     opt = make_optimizer(cfg, model, cfg.step_lr("train"))
     loader = gdata.Loader(train_set, cfg.workers * cfg.batch_size, shuffle=True, drop_last=True,
@@ -71,12 +69,13 @@ def harness_step_seconds(cfg, tmp: Path) -> tuple[float, float, dict]:
     recording into a results database and a checkpoint as a sweep does."""
     store = Store(tmp / "runs.db")
     store.add_study("bench", "grid")
-    (run_id,) = store.enqueue([("bench", cfg.config_hash(), cfg.to_dict())])
+    (run_id,) = store.enqueue([("bench", cfg)])
     store.claim(run_id, cfg.device, torch.__version__)
     ckpt = tmp / "ckpt.pt"
-    res = train(cfg, checkpoint_path=ckpt, log=None,
-                on_epoch=lambda e, row: store.add_epoch(run_id, e, row))
+    res = loop.train(cfg, store.recorder(run_id), checkpoint=ckpt, keep_checkpoint=True,
+                     log=None)
     store.truncate_epochs(run_id, 0)
+    store.conn.execute("UPDATE runs SET status='queued'")  # the next rep runs it again
     store.close()
     ckpt.unlink(missing_ok=True)
     row, t = res.epochs[0], res.timings
@@ -96,14 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    # the harness's own timers use the same clock, so both sides count the same thing (the
-    # module from sys.modules: groupnorm.experiments.train the attribute is the function)
-    sys.modules["groupnorm.experiments.train"].time = types.SimpleNamespace(perf_counter=clock)
+    # the harness's own timers use the same clock, so both sides count the same thing
+    loop.time = types.SimpleNamespace(perf_counter=clock)
     base = load_preset(args.preset).defaults
     cfg = make_config({**base, "norm": args.norm, "batch_size": args.batch_size,
                        "workers": args.workers, "epochs": 1, "num_threads": 1,
                        "progress": False, "schedule": "constant"})
-    train_set, _ = load_data(cfg)
+    train_set = load_data(cfg).train
     bare_step_seconds(cfg, train_set, clock)  # warm-up
     bare, harness, evals = [], [], []
     with tempfile.TemporaryDirectory() as tmp:

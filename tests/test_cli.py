@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sqlite3
@@ -78,8 +79,9 @@ def test_bad_override_names_the_fields(capsys):
 
 
 def test_train_rejects_grids(capsys):
-    with pytest.raises(SystemExit, match="groupnorm sweep"):
+    with pytest.raises(SystemExit) as exc:
         main(["train", "--norm", "bn,gn"])
+    assert exc.value.code == 2 and "use `groupnorm sweep` for grids" in capsys.readouterr().err
 
 
 def test_train_sweep_report(tmp_path, capsys):
@@ -125,3 +127,153 @@ def test_reproduce_end_to_end_on_a_tiny_preset(tmp_path, capsys):
                                                          "batch_size_error_vs_batch.png"]
     with sqlite3.connect(out / "runs.db") as c:
         assert c.execute("SELECT COUNT(*) FROM runs WHERE status='done'").fetchone()[0] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# one line for an expected error, a traceback with --debug, exit status that says what happened
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"groupnorm {groupnorm.__version__} (")
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--set", "seed=abc"], "seed='abc': must be an integer >= 0"),  # was a formatting error
+    (["--epochs", "0"], "epochs=0: must be an integer >= 1"),  # was "no median for empty data"
+    (["--set", "lr=nan"], "lr=nan: must be a finite number > 0"),  # was run and recorded done
+    (["--threads", "-3"], "num_threads=-3: must be an integer >= 1"),  # was accepted
+    (["--norm", "gm"], "norm='gm': unknown norm"),
+])
+def test_bad_values_end_in_one_line_naming_the_field(tmp_path, capsys, args, words):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *TINY, *args, "--out", str(tmp_path / "t")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and words in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "t").exists()  # refused before anything ran
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from groupnorm.experiments.config import ConfigError
+
+    with pytest.raises(ConfigError, match="lr=nan"):
+        main(["train", *TINY, "--set", "lr=nan", "--debug", "--out", str(tmp_path / "t")])
+
+
+def _tiny_preset(tmp_path: Path, text: str = "") -> Path:
+    preset = tmp_path / "p.toml"
+    preset.write_text(text or '[[study]]\nname = "s"\nkind = "batch"\n')
+    return preset
+
+
+@pytest.mark.parametrize("text,words", [
+    ("[[study]\nname = 's'\n", "is not valid TOML"),
+    ('[[study]]\nname = "s"\n[study.grid]\nnorm = "bn"\n',
+     "study 's': grid value of 'norm' must be a non-empty list"),
+    ('[[study]]\nkind = "batch"\n', "needs a name"),
+    ('[[study]]\nname = "s"\nkind = "batchsize"\n', "kind='batchsize' is not one of"),
+])
+def test_a_malformed_preset_ends_in_one_line_naming_the_file(tmp_path, capsys, text, words):
+    preset = _tiny_preset(tmp_path, text)
+    with pytest.raises(SystemExit) as exc:
+        main(["sweep", str(preset), "--db", str(tmp_path / "r.db"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and str(preset) in err and words in err, err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_a_corrupt_or_unwritable_database_ends_in_one_line_naming_the_file(tmp_path, capsys):
+    preset = _tiny_preset(tmp_path)
+    bad = tmp_path / "bad.db"
+    bad.write_bytes(b"this is not a database" * 100)
+    for db, words in ((bad, "is not a results database"),
+                      (bad / "runs.db", "cannot write the results database")):
+        with pytest.raises(SystemExit) as exc:
+            main(["sweep", str(preset), "--db", str(db), *TINY, "--no-progress"])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and str(db) in err and words in err, err
+        assert "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["report", str(bad), "--print"])
+    assert "is not a results database" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_error_is_not_a_failed_run(tmp_path, capsys):
+    """--device cuda without a GPU was queued, failed, the sweep exited 0 -- and the same sweep
+    with --device cpu then said "1 failed" and ran nothing without --retry-failed."""
+    preset, db = _tiny_preset(tmp_path), tmp_path / "r.db"
+    args = ["sweep", str(preset), "--db", str(db), *TINY, "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--device", "cuda"])
+    assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
+    assert main([*args, "--device", "cpu"]) == 0
+    with sqlite3.connect(db) as c:
+        assert c.execute("SELECT status FROM runs").fetchall() == [("done",)]
+
+
+def test_a_sweep_with_failed_runs_exits_1(tmp_path, monkeypatch, capsys):
+    import groupnorm.experiments.loop as loop
+
+    real = loop.build_model
+
+    def build(cfg, *a, **kw):
+        if cfg.norm == "bn":
+            raise RuntimeError("bn broke")
+        return real(cfg, *a, **kw)
+
+    monkeypatch.setattr(loop, "build_model", build)
+    preset, db = _tiny_preset(tmp_path), tmp_path / "r.db"
+    args = ["sweep", str(preset), "--db", str(db), *TINY, "--norm", "bn,gn", "--no-progress"]
+    assert main(args) == 1  # was 0 unless --strict
+    out = capsys.readouterr().out
+    assert "1 run(s) failed" in out and "--retry-failed" in out
+    assert main(args) == 1  # still failed, still said
+
+
+def test_report_prints_to_the_terminal(tmp_path, capsys):
+    preset, db = _tiny_preset(tmp_path), tmp_path / "r.db"
+    assert main(["sweep", str(preset), "--db", str(db), *TINY, "--norm", "bn,gn",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["report", str(db), "--print"]) == 0
+    out = capsys.readouterr().out
+    assert "| norm | val error % (median of last epochs) |" in out and "| BN | " in out
+    assert "![" not in out
+    assert not list(tmp_path.glob("*.md")) and not list(tmp_path.glob("*.png"))
+
+
+def test_train_records_its_files_and_resumes_only_a_matching_checkpoint(tmp_path, capsys,
+                                                                         monkeypatch):
+    """`groupnorm train` records through the same Recorder protocol as the database (it kept
+    its own files and resume rule before): run.json has the data files read, and a checkpoint
+    that does not match the folder is not resumed."""
+    from groupnorm import data
+
+    real = data.load_dataset
+
+    def load(name, split="train", *args, **kwargs):
+        ds = copy.copy(real(name, split, *args, **kwargs))
+        ds.files = ((f"/data/{split}.bin", 123, "ab" * 32),)
+        return ds
+
+    monkeypatch.setattr(data, "load_dataset", load)
+    out = tmp_path / "t"
+    args = ["train", *TINY, "--epochs", "2", "--out", str(out)]
+    assert main([*args, "--keep-checkpoint"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["data_files"] == [{"path": f"/data/{s}.bin", "size": 123, "sha256": "ab" * 32}
+                                 for s in ("test", "train")]
+    assert run["num_params"] > 0 and run["config_hash"] and run["record_id"]
+    # a checkpoint left by a run of this folder, damaged: discarded, the run starts over
+    ckpt = out / "checkpoint.pt"
+    blob = bytearray(ckpt.read_bytes())
+    blob[-100] ^= 0xFF
+    ckpt.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning, match=f"checkpoint {ckpt} was not resumed"):
+        assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and not ckpt.exists()

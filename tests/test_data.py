@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
+import importlib.util
 import io
 import os
 import pickle
@@ -16,10 +18,12 @@ import torch
 
 from groupnorm.data import (
     CorruptDatasetError,
+    DataFile,
     DatasetNotFoundError,
     ImageDataset,
     Loader,
     catalog,
+    channel_stats,
     list_datasets,
     load_dataset,
     sources,
@@ -584,3 +588,90 @@ def test_loader_argument_errors():
         Loader(_toy(), 4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="batch_size"):
         Loader(_toy(), 0)
+
+
+def test_loader_channels_last_same_values():
+    """channels_last=True: the same batches (values, labels, order, augmentation), laid out
+    channels-last; clips channels_last_3d."""
+    ds = load_dataset("synthetic", n=100, image_size=12)
+    for augment in (False, True):
+        a = list(Loader(ds, 32, augment=augment, seed=5))
+        b = list(Loader(ds, 32, augment=augment, seed=5, channels_last=True))
+        assert len(a) == len(b) == 4
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+            assert xa.is_contiguous() and xb.is_contiguous(memory_format=torch.channels_last)
+            assert not xb.is_contiguous()
+    clips = torch.randint(0, 256, (4, 2, 3, 8, 8), dtype=torch.uint8)  # C=2: layouts differ
+    video = ImageDataset(clips, torch.zeros(4, dtype=torch.int64), 2, "v", (0.5,) * 2, (0.5,) * 2)
+    x, _ = next(iter(Loader(video, 4, augment=True, channels_last=True)))
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+    assert "channels_last=True" in repr(Loader(ds, 4, channels_last=True))
+
+
+# --------------------------------------------------------------------------- Dataset protocol
+
+
+def test_image_dataset_is_a_torch_dataset():
+    ds = _toy(n=10, classes=3, shape=(2, 4, 4))
+    assert isinstance(ds, torch.utils.data.Dataset) and len(ds) == 10
+    img, label = ds[7]
+    assert torch.equal(img, ds.images[7]) and label == 7 % 3 and isinstance(label, int)
+    assert torch.equal(ds[-1][0], ds.images[9])
+    with pytest.raises(IndexError):
+        ds[10]
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False))
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    x, y = batches[1]
+    assert x.dtype == torch.uint8 and torch.equal(x, ds.images[4:8])
+    assert torch.equal(y, ds.labels[4:8])
+    assert repr(ds) == "ImageDataset('toy', n=10, image_shape=(2, 4, 4), num_classes=3, files=0)"
+    with pytest.raises(ValueError, match=r"classes has 2 names but num_classes is 3"):
+        dataclasses.replace(ds, classes=("a", "b"))
+
+
+def _identity(path: Path) -> DataFile:
+    data = path.read_bytes()
+    return DataFile(str(path.resolve()), len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_files_name_what_each_dataset_was_read_from(tmp_path):
+    (tmp_path / "idx").mkdir()
+    make_idx_set(tmp_path / "idx", gz=True)
+    train = load_dataset("mnist", "train", root=tmp_path / "idx", download=False)
+    test = load_dataset("mnist", "test", root=tmp_path / "idx", download=False)
+    idx = {n: _identity(tmp_path / "idx" / f"{n}-ubyte.gz") for n in (
+        "train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
+    assert train.files == (idx["train-images-idx3"], idx["train-labels-idx1"])
+    # a test split carries the train split's mean/std, so its files too
+    assert test.files == (idx["t10k-images-idx3"], idx["t10k-labels-idx1"],
+                          idx["train-images-idx3"], idx["train-labels-idx1"])
+    assert train_val_split(train, 10)[1].files == train.files  # cuts keep the identity
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "tar").mkdir()
+    make_cifar10(tmp_path / "dir", as_tar=False)
+    folder = tmp_path / "dir" / "cifar-10-batches-py"
+    ds = load_dataset("cifar10", "test", root=tmp_path / "dir", download=False)
+    assert ds.files == (_identity(folder / "test_batch"),
+                        *(_identity(folder / f"data_batch_{i}") for i in range(1, 6)))
+    make_cifar10(tmp_path / "tar", as_tar=True)
+    ds = load_dataset("cifar10", "test", root=tmp_path / "tar", download=False)
+    assert ds.files == (_identity(tmp_path / "tar" / "cifar-10-python.tar.gz"),)
+    assert load_dataset("synthetic", n=20).files == ()  # generated: its options are its identity
+    if importlib.util.find_spec("sklearn") is not None:
+        (digits,) = load_dataset("digits").files
+        assert digits.path.endswith("digits.csv.gz") and digits == _identity(Path(digits.path))
+
+
+def test_channel_stats_are_the_float64_sums_bit_for_bit():
+    """The histogram sums are the exact integers the float64 per-channel sums computed."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((37, 3, 5, 7), (9, 1, 4, 3, 3), (5, 2, 1, 1)):
+        images = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+        images[0].fill_(255)
+        x = images.transpose(0, 1).reshape(shape[1], -1).to(torch.float64)
+        mean = x.sum(1) / x.shape[1]
+        var = (x.square().sum(1) / x.shape[1] - mean.square()).clamp_min(0)
+        expected = (tuple((mean / 255.0).tolist()),
+                    tuple(max(s, 1e-8) for s in (var.sqrt() / 255.0).tolist()))
+        assert channel_stats(images) == expected

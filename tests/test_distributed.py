@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import groupnorm
 from groupnorm.experiments.config import make_config
-from groupnorm.experiments.train import train
+from groupnorm.experiments.loop import train
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -73,9 +73,9 @@ def test_two_process_torchrun_train(tmp_path):
 
 
 def test_sweep_refuses_torchrun(tmp_path, monkeypatch):
-    from groupnorm.experiments import load_preset, run_sweep
+    from groupnorm.experiments import ConfigError, load_preset, run_sweep
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(RuntimeError, match="under torchrun use `groupnorm train`"):
+    with pytest.raises(ConfigError, match="under torchrun use `groupnorm train`"):
         run_sweep(load_preset("quick"), tmp_path / "x.db", log=lambda m: None)
     assert not (tmp_path / "x.db").exists()

@@ -1,6 +1,8 @@
 """Harness tests: config and overrides, LR scaling, virtual workers, the store, failures, reports.
 
 Every training run here is tiny (synthetic 16 px images, a 4-channel SimpleNet, 1 thread).
+The tests of "refuse bad input" and "never record a wrong number" each name the defect of the
+harness before commit 853ce5e's successor that they guard against.
 """
 
 from __future__ import annotations
@@ -9,24 +11,29 @@ import copy
 import json
 import math
 import sqlite3
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 
 import groupnorm
-from groupnorm.experiments import Store, build_report, run_sweep, train
+from groupnorm.experiments import MemoryRecorder, Store, build_report, run_sweep, train
 from groupnorm.experiments.config import (
+    ConfigError,
     TrainConfig,
-    list_presets,
-    load_preset,
     make_config,
     parse_assignment,
-    parse_preset,
     split_values,
 )
-from groupnorm.experiments.report import paper_table, paper_value
-from groupnorm.experiments.train import lr_multiplier
+from groupnorm.experiments.kinds import KINDS
+from groupnorm.experiments.paper import paper_table
+from groupnorm.experiments.presets import STUDY_KINDS, list_presets, load_preset, parse_preset
+from groupnorm.experiments.recipe import lr_multiplier
+
+
+def paper_value(kind: str, values: dict) -> float | None:
+    return KINDS[kind].paper(values)
 
 TINY = {
     "model": "simplenet",
@@ -78,7 +85,7 @@ def test_unknown_field_and_bad_values_name_the_fix():
 
 def test_config_hash_ignores_runtime_fields_only():
     a = tiny()
-    assert a.config_hash() == tiny(device="cuda", num_threads=4, progress=True).config_hash()
+    assert a.config_hash() == tiny(device="cuda", progress=True).config_hash()
     assert a.config_hash() != tiny(seed=1).config_hash()
     assert a.config_hash() != tiny(norm="bn").config_hash()
 
@@ -86,15 +93,14 @@ def test_config_hash_ignores_runtime_fields_only():
 @pytest.mark.parametrize("name", list_presets())
 def test_shipped_presets_expand(name):
     preset = load_preset(name)
-    pairs = preset.expand()
-    assert pairs, name
-    hashes = {c.config_hash() for _, c in pairs}
-    assert len(hashes) <= len(pairs)
+    points = preset.expand()
+    assert points, name
+    hashes = {p.config.config_hash() for p in points}
+    assert len(hashes) <= len(points)
 
 
 def test_quick_preset_is_the_batch_study_on_real_fashion_mnist():
-    pairs = load_preset("quick").expand()
-    cfgs = [c for _, c in pairs]
+    cfgs = [p.config for p in load_preset("quick").expand()]
     assert {c.dataset for c in cfgs} == {"fashion-mnist"}
     assert {c.norm for c in cfgs} == {"bn", "gn"}
     assert {c.batch_size for c in cfgs} == {2, 4, 8, 16, 32}
@@ -105,7 +111,7 @@ def test_quick_preset_is_the_batch_study_on_real_fashion_mnist():
 def test_command_line_axes_replace_or_extend_the_grid():
     preset = tiny_preset({"norm": ["bn", "gn"]})
     assert len(preset.expand({"seed": [0, 1, 2]})) == 6
-    assert [c.norm for _, c in preset.expand({"norm": ["gn"]})] == ["gn"]
+    assert [p.config.norm for p in preset.expand({"norm": ["gn"]})] == ["gn"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ def test_cosine_and_warmup():
 
 
 def test_weight_decay_on_gamma_beta_is_switchable():
-    from groupnorm.experiments.train import param_groups
+    from groupnorm.experiments.recipe import param_groups
 
     m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), groupnorm.norm_layer("gn", 4, num_groups=2))
     (all_,) = param_groups(m, 1e-4, wd_norm=True)
@@ -154,7 +160,7 @@ def test_weight_decay_on_gamma_beta_is_switchable():
     assert len(decay["params"]) == 1 and len(no_decay["params"]) == 3
     assert no_decay["weight_decay"] == 0.0
     # and the optimizer the harness builds has those groups
-    from groupnorm.experiments.train import make_optimizer
+    from groupnorm.experiments.recipe import make_optimizer
 
     gamma = m[1].weight
     for wd_norm, want in ((True, 1e-4), (False, 0.0)):
@@ -164,7 +170,7 @@ def test_weight_decay_on_gamma_beta_is_switchable():
 
 
 def test_summary_is_the_median_of_the_last_k_epochs_of_the_final_phase():
-    from groupnorm.experiments.train import summarize
+    from groupnorm.experiments.loop import summarize
 
     rows = [{"phase": "pretrain", "val_error": 1.0, "train_error": 0.0, "images_per_s": 1.0}]
     rows += [{"phase": "train", "val_error": v, "train_error": 5.0, "images_per_s": 1.0}
@@ -274,14 +280,29 @@ def test_sweep_records_each_run_once_and_skips_done_runs(tmp_path):
     assert not any((tmp_path / "runs-checkpoints").glob("*.pt"))
 
 
-def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    preset = tiny_preset({"model": ["nosuchnet", "simplenet"]}, epochs=1, kind="grid")
+def _fail_runs_with(monkeypatch, norm: str, error: Exception) -> None:
+    """Make every run of `norm` raise `error` when its model is built (a run-time failure)."""
+    import groupnorm.experiments.loop as loop
+
+    real = loop.build_model
+
+    def build(cfg, *args, **kwargs):
+        if cfg.norm == norm:
+            raise error
+        return real(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "build_model", build)
+
+
+def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    _fail_runs_with(monkeypatch, "bn", RuntimeError("the bn run broke"))
+    preset = tiny_preset({"norm": ["bn", "gn"]}, epochs=1, kind="grid")
     db = tmp_path / "runs.db"
     counts = run_sweep(preset, db, log=lambda m: None)
     assert counts["done"] == 1 and counts["failed"] == 1
     with Store(db) as s:
         (failed,) = s.runs(status="failed")
-        assert "unknown model 'nosuchnet'" in failed["error"]
+        assert "the bn run broke" in failed["error"]
         assert failed["attempts"] == 1
     # not retried unless asked
     assert run_sweep(preset, db, log=lambda m: None)["failed"] == 1
@@ -293,27 +314,41 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path):
         assert len(s.runs(status="done")) == 1
 
 
+class Stop(Exception):
+    pass
+
+
+class StopAt(MemoryRecorder):
+    """A recorder whose process "dies" (raises Stop) when epoch `at` is recorded."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at = at
+
+    def add_epoch(self, epoch, row):
+        super().add_epoch(epoch, row)
+        if epoch == self.at:
+            raise Stop
+
+
 def test_resume_from_checkpoint_gives_the_uninterrupted_numbers(tmp_path):
     cfg = tiny(norm="bn", epochs=3)
     full = train(cfg, log=None)
     ckpt = tmp_path / "c.pt"
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_one(epoch, row):
-        if epoch == 2:
-            raise Stop
-
+    rec = StopAt(2)
     with pytest.raises(Stop):
-        train(cfg, checkpoint_path=ckpt, on_epoch=stop_after_one, log=None)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1
-    resumed_from = []
-    res = train(cfg, checkpoint_path=ckpt, on_resume=resumed_from.append, log=None)
-    assert resumed_from == [1]
+        train(cfg, rec, checkpoint=ckpt, log=None)
+    assert [r["epoch"] for r in rec.rows] == [1, 2]  # row 2 recorded, its checkpoint not written
+    rec.at = 0
+    said = []
+    res = train(cfg, rec, checkpoint=ckpt, log=said.append)
+    assert any("resuming from epoch 1" in m for m in said)
     keys = ("train_loss", "train_error", "val_loss", "val_error", "lr")
     assert [[e[k] for k in keys] for e in res.epochs] == [[e[k] for k in keys]
                                                           for e in full.epochs]
+    assert [[e[k] for k in keys] for e in rec.rows] == [[e[k] for k in keys]
+                                                        for e in full.epochs]
+    assert not ckpt.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +408,7 @@ def test_paper_reference_data():
     assert paper_value("batch_renorm", {"norm": "brn", "batch_size": 4}) == 26.3
     assert paper_value("video", {"norm": "gn", "batch_size": 4}) == pytest.approx(27.2)
     assert json.dumps(paper_value("batch", {"norm": "bn", "batch_size": 64})) == "null"
+    assert set(KINDS) == set(STUDY_KINDS)  # one place says how each kind of study is shown
 
 
 def test_parallel_sweep_gives_the_sequential_numbers(tmp_path, small_db):
@@ -406,3 +442,294 @@ def test_committed_report_matches_its_database(tmp_path, preset):
     shutil.copy(root / "runs.db", db)  # a copy: opening the store must not touch the repo
     md = build_report(db, tmp_path / "rep").read_text(encoding="utf-8")
     assert md == (root / "report.md").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input is refused before anything is queued
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("lr", math.nan, "finite number > 0"),  # was run and recorded done, config_json with NaN
+    ("lr", math.inf, "finite number > 0"),
+    ("lr", -0.1, "finite number > 0"),
+    ("momentum", 5.0, r"\[0, 1\)"),  # was run and recorded done
+    ("weight_decay", math.nan, "finite number >= 0"),  # was run and recorded done
+    ("seed", "abc", "an integer >= 0"),  # was "not all arguments converted ..." at run time
+    ("epochs", 0, "integer >= 1"),  # was "no median for empty data" at run time
+    ("num_threads", -3, "integer >= 1"),  # was accepted
+    ("batch_size", True, "an integer >= 1"),
+    ("label_smoothing", 1.0, r"\[0, 1\)"),
+    ("device", "gpu", "cpu, cuda or cuda:K"),
+])
+def test_bad_values_are_refused_naming_field_value_and_fix(field, value, fix):
+    with pytest.raises(ConfigError, match=rf"^{field}=.*: must be .*{fix}") as err:
+        tiny(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_values_from_the_command_line_are_checked_the_same_way():
+    key, values = parse_assignment("lr=nan")
+    with pytest.raises(ConfigError, match="lr=nan"):
+        make_config({**TINY, key: values[0]})
+    key, values = parse_assignment("seed=abc")
+    with pytest.raises(ConfigError, match="seed='abc': must be an integer >= 0"):
+        make_config({**TINY, key: values[0]})
+    assert make_config({**TINY, "norm": None}).norm == "none"  # `--norm none` is a name
+
+
+def test_num_threads_is_part_of_the_identity_with_a_fixed_default():
+    # 1 vs 2 threads split float sums differently, so they are different runs; the default
+    # (was 0: all cores, a property of the machine) is a fixed number
+    assert TrainConfig().num_threads == 1
+    assert tiny(num_threads=1).config_hash() != tiny(num_threads=2).config_hash()
+    assert "num_threads" in tiny().identity()
+
+
+@pytest.mark.parametrize("preset", ["quick", "full", "long"])
+def test_committed_runs_keep_their_config_hash(preset):
+    """Adding num_threads to the identity left every recorded run's hash as it was."""
+    db = Path(__file__).resolve().parents[1] / "results" / preset / "runs.db"
+    if not db.exists():
+        pytest.skip(f"results/{preset} is not in this checkout")
+    with Store(db, readonly=True) as s:
+        runs = s.runs()
+    assert runs
+    for r in runs:
+        assert make_config(r["config"]).config_hash() == r["config_hash"], r["id"]
+
+
+def test_a_row_recorded_under_the_same_hash_with_other_threads_is_refused(tmp_path):
+    from groupnorm.experiments import StoreError
+
+    db = tmp_path / "runs.db"
+    with Store(db) as s:
+        s.add_study("s", "grid")
+        (run_id,) = s.enqueue([("s", tiny())])
+        # as an earlier version recorded it: num_threads was not part of the hash
+        s.conn.execute("UPDATE runs SET config_json = json_set(config_json, '$.num_threads', 2)")
+        with pytest.raises(StoreError, match=r"num_threads=2 there, 1 now"):
+            s.enqueue([("s", tiny())])
+
+
+def test_unknown_norm_option_is_refused(tmp_path):
+    preset = tiny_preset({"norm": ["bn", "gn"]}, norm_options={"num_group": 2})
+    with pytest.raises(ConfigError, match=r"no norm takes \['num_group'\].*did you mean "
+                                          r"'num_groups'"):
+        run_sweep(preset, tmp_path / "runs.db", log=lambda m: None)
+    assert not (tmp_path / "runs.db").exists()  # nothing was queued (was: ignored, runs done)
+    # an option of another kind of the family is fine: num_groups for BN in a BN-vs-GN grid
+    from groupnorm.experiments.recipe import NormSpec
+
+    assert NormSpec.resolve("bn", {"num_groups": 2}).options == ()
+    assert NormSpec.resolve("gn+ws", {"num_groups": 2}).options == (("num_groups", 2),)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"norm": "gm"}, "norm='gm': unknown norm"),
+    ({"model": "simplnet"}, "model='simplnet': unknown model.*did you mean 'simplenet'"),
+    ({"dataset": "synthetc"}, "dataset='synthetc': unknown dataset.*did you mean 'synthetic'"),
+    ({"dataset_options": {"n": 192, "size": 16}}, r"dataset_options=.*takes .*not \['size'\]"),
+    ({"norm_options": {"num_groups": 3}}, r"num_channels \(4\) must be divisible by num_groups "
+                                          r"\(3\)"),
+    ({"model_options": {"width": 4, "depth": 3}}, "model='simplenet'.*depth"),
+])
+def test_a_grid_point_that_cannot_run_stops_the_sweep_before_anything_is_queued(
+        tmp_path, change, message):
+    # was: queued, failed at train time, the sweep exited 0
+    preset = tiny_preset({"seed": [0, 1]}, **change)
+    with pytest.raises(ConfigError, match=message):
+        run_sweep(preset, tmp_path / "runs.db", log=lambda m: None)
+    assert not (tmp_path / "runs.db").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without "
+                    "a GPU")
+def test_a_device_without_cuda_stops_the_sweep_before_anything_is_queued(tmp_path):
+    preset = tiny_preset({"norm": ["gn"]}, device="cuda")
+    with pytest.raises(ConfigError, match="device='cuda': CUDA is not available.*device=cpu"):
+        run_sweep(preset, tmp_path / "runs.db", log=lambda m: None)
+    assert not (tmp_path / "runs.db").exists()
+
+
+def test_a_setup_error_met_by_a_run_is_not_a_run_failure(tmp_path, monkeypatch):
+    """A config error that only the run can see (here: a training set smaller than one step)
+    puts the run back in the queue and stops the sweep; the next sweep runs it without
+    --retry-failed (was: marked failed, skipped by every later sweep)."""
+    from groupnorm.experiments.sweep import SweepStopped
+
+    preset = tiny_preset({"norm": ["gn"]}, epochs=1)
+    db = tmp_path / "runs.db"
+    _fail_runs_with(monkeypatch, "gn", ConfigError("train_size=4: smaller than one step"))
+    with pytest.raises(SweepStopped, match=r"run 1 \(tiny .*\): train_size=4.*queued again"):
+        run_sweep(preset, db, log=lambda m: None)
+    with Store(db) as s:
+        (run,) = s.runs()
+        assert run["status"] == "queued" and "train_size=4" in run["error"]
+    monkeypatch.undo()
+    assert run_sweep(preset, db, log=lambda m: None)["done"] == 1
+
+
+def test_a_full_disk_stops_the_sweep_naming_the_file(tmp_path, monkeypatch):
+    import errno
+
+    import groupnorm.experiments.runtime as rt
+    from groupnorm.experiments.sweep import SweepStopped
+
+    def full(path, blob):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rt, "replace_file", full)
+    db = tmp_path / "runs.db"
+    with pytest.raises(SweepStopped, match=r"No space left on device: '.*runs-checkpoints/"):
+        run_sweep(tiny_preset({"norm": ["gn"]}, epochs=1), db, log=lambda m: None)
+    with Store(db) as s:
+        assert [r["status"] for r in s.runs()] == ["queued"]  # was: failed
+
+
+# ---------------------------------------------------------------------------------------------
+# what a run read, and checkpoints that must not be resumed
+
+
+class DataFile(typing.NamedTuple):
+    path: str
+    size: int
+    sha256: str
+
+
+def _with_files(monkeypatch, tag: str) -> list[dict]:
+    """Make load_dataset return datasets that say which files they were read from."""
+    from groupnorm import data
+
+    real = data.load_dataset
+
+    def load(name, split="train", *args, **kwargs):
+        ds = real(name, split, *args, **kwargs)
+        ds = copy.copy(ds)
+        ds.files = (DataFile(f"/data/{split}-images.gz", 1000 + len(tag), tag * 64),)
+        return ds
+
+    monkeypatch.setattr(data, "load_dataset", load)
+    return [{"path": f"/data/{s}-images.gz", "size": 1000 + len(tag), "sha256": tag * 64}
+            for s in ("test", "train")]
+
+
+def test_each_run_records_its_data_files_and_the_report_shows_them(tmp_path, monkeypatch):
+    files = _with_files(monkeypatch, "a")
+    db = tmp_path / "runs.db"
+    run_sweep(tiny_preset({"norm": ["gn"]}, epochs=1), db, log=lambda m: None)
+    with Store(db) as s:
+        assert s.runs()[0]["data_files"] == files
+    md = build_report(db, tmp_path / "rep", plots=False, csv_export=True).read_text()
+    assert "- data files: test-images.gz 1001 B sha256 aaaaaaaaaaaaaaaa; train-images.gz" in md
+    assert "/data/train-images.gz" in (tmp_path / "rep" / "runs.csv").read_text()
+
+
+def test_a_checkpoint_of_other_data_files_is_not_resumed(tmp_path, monkeypatch):
+    cfg = tiny(norm="bn", epochs=3)
+    ckpt = tmp_path / "c.pt"
+    _with_files(monkeypatch, "a")
+    rec = StopAt(2)
+    with pytest.raises(Stop):
+        train(cfg, rec, checkpoint=ckpt, log=None)
+    files_b = _with_files(monkeypatch, "b")  # the files changed under the same config
+    rec.at = 0
+    with pytest.warns(UserWarning, match=rf"checkpoint {ckpt} was not resumed: it was written "
+                                         "for other data files"):
+        res = train(cfg, rec, checkpoint=ckpt, log=None)
+    assert [r["epoch"] for r in rec.rows] == [1, 2, 3]  # all from this data: started over
+    assert rec.info.data_files == files_b and len(res.epochs) == 3
+
+
+def test_a_damaged_checkpoint_is_discarded_and_the_run_restarts(tmp_path):
+    cfg = tiny(norm="bn", epochs=3)
+    full = train(cfg, log=None)
+    ckpt = tmp_path / "c.pt"
+    rec = StopAt(2)
+    with pytest.raises(Stop):
+        train(cfg, rec, checkpoint=ckpt, log=None)
+    blob = bytearray(ckpt.read_bytes())
+    mid = len(blob) // 2
+    blob[mid:mid + 64] = bytes(b ^ 0xFF for b in blob[mid:mid + 64])
+    ckpt.write_bytes(bytes(blob))
+    rec.at = 0
+    with pytest.warns(UserWarning, match="does not match its SHA-256: the file is damaged"):
+        res = train(cfg, rec, checkpoint=ckpt, log=None)
+    keys = ("train_loss", "val_loss", "val_error", "lr")
+    assert [[e[k] for k in keys] for e in res.epochs] == [[e[k] for k in keys]
+                                                          for e in full.epochs]
+
+
+def test_a_checkpoint_ahead_of_the_recorded_rows_is_not_resumed(tmp_path):
+    cfg = tiny(norm="bn", epochs=3)
+    ckpt = tmp_path / "c.pt"
+    rec = StopAt(3)
+    with pytest.raises(Stop):
+        train(cfg, rec, checkpoint=ckpt, log=None)  # checkpoint of epoch 2
+    rec.rows = rec.rows[:1]  # the record lost epoch 2 (was: resumed, a row missing)
+    rec.at = 0
+    with pytest.warns(UserWarning, match="its epoch 2 does not match the 1 epoch row"):
+        train(cfg, rec, checkpoint=ckpt, log=None)
+    assert [r["epoch"] for r in rec.rows] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_another_record_is_not_resumed(tmp_path):
+    cfg = tiny(norm="bn", epochs=2)
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(Stop):
+        train(cfg, StopAt(2), checkpoint=ckpt, log=None)
+    other = MemoryRecorder()  # e.g. a new database with the old checkpoint folder beside it
+    other.rows = [{"epoch": 1, "phase": "train"}]
+    with pytest.warns(UserWarning, match="belongs to another results database or run folder"):
+        train(cfg, other, checkpoint=ckpt, log=None)
+    assert [r["epoch"] for r in other.rows] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# the report follows what was run
+
+
+def test_report_shows_no_spread_for_a_single_seed(tmp_path):
+    db = tmp_path / "runs.db"
+    run_sweep(tiny_preset({"norm": ["bn", "gn"], "batch_size": [2, 4]}, epochs=1), db,
+              log=lambda m: None)
+    md = build_report(db, tmp_path / "rep", plots=False).read_text()
+    assert "GN − BN error at n=2: " in md and "points over 1 seed" in md
+    assert "± 0.0" not in md  # was: "± 0.0 points over 1 seed(s)"
+
+
+def test_study_text_follows_the_overrides_used(tmp_path):
+    preset = parse_preset({"defaults": {**TINY, "epochs": 3}, "study": [{
+        "name": "s", "kind": "batch", "grid": {"norm": ["bn", "gn"], "seed": [0, 1]},
+        "description": "BN vs GN, {epochs} epochs for every n, {n_seeds} seeds, norms {norm}."}]},
+        "tiny")
+    db = tmp_path / "runs.db"
+    run_sweep(preset, db, overrides={"epochs": [1], "seed": [0]}, log=lambda m: None)
+    md = build_report(db, tmp_path / "rep", plots=False).read_text()
+    assert "BN vs GN, 1 epochs for every n, 1 seeds, norms bn, gn." in md  # not 3 and 2
+
+
+def test_published_numbers_are_read_once(small_db, tmp_path, monkeypatch):
+    from groupnorm.experiments import paper
+
+    reads = []
+    real = paper._read
+    monkeypatch.setattr(paper, "_read", lambda name: reads.append(name) or real(name))
+    paper.published.cache_clear()
+    build_report(small_db, tmp_path / "rep", plots=True)
+    assert sorted(reads) == ["gn_paper_imagenet.csv", "published_other.csv"]  # was: per cell
+    paper.published.cache_clear()
+
+
+def test_reclaim_takes_over_runs_of_a_process_on_another_host(tmp_path):
+    preset = tiny_preset({"norm": ["gn"]}, epochs=1)
+    db = tmp_path / "runs.db"
+    with Store(db) as s:
+        s.add_study("tiny", "batch")
+        (run_id,) = s.enqueue([("tiny", preset.expand()[0].config)])
+        s.conn.execute("UPDATE runs SET status='running', owner='elsewhere:4242', "
+                       "heartbeat_at='2026-01-01T00:00:00+00:00'")
+    said = []
+    assert run_sweep(preset, db, log=said.append)["running"] == 1  # it may be alive: kept
+    assert any("elsewhere:4242 (last heartbeat 2026-01-01" in m and "--reclaim" in m
+               for m in said)
+    assert run_sweep(preset, db, reclaim=True, log=lambda m: None)["done"] == 1

@@ -39,6 +39,37 @@ def _case_table():
             yield pytest.param(shape, g, fmt, id=f"{label}-{fname}")
 
 
+def _group_by_group_float64(x, groups, w, b, eps=1e-5):
+    """GroupNorm written differently from the oracle: one (sample, group) slice at a time,
+    torch.var_mean for the statistics. For float64 input the oracle *is* the "reference"
+    backend, so this second formula is what those cases are checked against."""
+    n, c = x.shape[0], x.shape[1]
+    cg = c // groups
+    rows = []
+    for i in range(n):
+        parts = []
+        for g in range(groups):
+            xs = x[i, g * cg:(g + 1) * cg]
+            var, mean = torch.var_mean(xs, correction=0)
+            parts.append((xs - mean) / torch.sqrt(var + eps))
+        rows.append(torch.cat(parts))
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    return torch.stack(rows) * w.reshape(shape) + b.reshape(shape)
+
+
+def test_float64_oracle_is_independent_of_the_reference_backend():
+    """The float64 cases above can fail: a reference with the unbiased variance (a classic
+    GroupNorm bug) is caught by the group-by-group oracle at the float64 tolerance."""
+    x, w, b = _inputs((2, 8, 5, 5), torch.float64, torch.contiguous_format)
+    good = _group_by_group_float64(x, 4, w, b)
+    torch.testing.assert_close(group_norm(x, 4, w, b, backend="reference"), good,
+                               atol=1e-10, rtol=1e-10)
+    xg = x.reshape(2, 4, -1)
+    unbiased = ((xg - xg.mean(-1, keepdim=True)) / torch.sqrt(xg.var(-1, keepdim=True) + 1e-5))
+    bad = unbiased.reshape(x.shape) * w.reshape(1, 8, 1, 1) + b.reshape(1, 8, 1, 1)
+    assert (bad - good).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("backend", CORE_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,fmt", list(_case_table()))
@@ -50,7 +81,8 @@ def test_forward_backward_vs_float64(shape, groups, fmt, dtype, backend):
     assert y.is_contiguous(memory_format=fmt), "memory format must be kept"
 
     x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
-    y64 = group_norm_reference(x64, groups, w64, b64)
+    oracle = _group_by_group_float64 if dtype == torch.float64 else group_norm_reference
+    y64 = oracle(x64, groups, w64, b64)
     atol, rtol = TOLERANCES[dtype]
     torch.testing.assert_close(y.double(), y64, atol=atol, rtol=rtol)
 
@@ -74,8 +106,8 @@ def test_matches_torch_functional(shape, groups, fmt, dtype, backend):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
     ours = group_norm(*leaves[:1], groups, *leaves[1:], backend=backend)
     mine = [t.detach().clone().requires_grad_(True) for t in (x, w, b)]
-    # F.group_norm itself refuses (1, C, 1, 1) ("more than 1 value per channel", a BatchNorm
-    # check); the aten op it calls does not.
+    # F.group_norm itself refuses input with one value per group ("more than 1 value per
+    # channel", a BatchNorm check); the aten op it calls does not.
     theirs = torch.group_norm(mine[0], groups, mine[1], mine[2], 1e-5)
     # Both round the same fp32 result to the dtype; low precision differs by about an ulp.
     atol, rtol = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5),
@@ -230,7 +262,7 @@ def test_empty_batch(backend):
     (dict(group_size=3), r"num_channels \(8\) must be divisible by group_size \(3\)"),
     (dict(num_groups=2, group_size=4), r"exactly one of num_groups / group_size.*num_groups=2"),
     (dict(), r"exactly one of num_groups / group_size.*None"),
-    (dict(num_groups=0), r"num_groups must be a positive int, got 0"),
+    (dict(num_groups=0), r"num_groups must be a positive integer, got 0"),
     (dict(num_groups=2, weight=torch.ones(7)), r"weight must have shape \(8,\).*got \(7,\)"),
     (dict(num_groups=2, bias=torch.ones(8, 1)), r"bias must have shape \(8,\).*got \(8, 1\)"),
     (dict(num_groups=2, residual=torch.ones(2, 8, 4)), r"residual must have the shape of x"),
@@ -258,3 +290,42 @@ def test_integer_and_bool_dtypes(dtype):
 def test_public_api_exports():
     for name in groupnorm.__all__:
         assert hasattr(groupnorm, name), name
+
+
+# --- mixed parameter dtypes -------------------------------------------------------------------
+
+PARAM_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", [*CORE_BACKENDS, "cpu"])
+@pytest.mark.parametrize("x_dtype", PARAM_DTYPES, ids=str)
+@pytest.mark.parametrize("p_dtype", PARAM_DTYPES, ids=str)
+def test_mixed_param_dtypes_same_on_every_backend(x_dtype, p_dtype, backend, monkeypatch):
+    """γ/β in another dtype than x: torch's rule on every backend — equal dtypes, or fp32
+    γ/β with fp16/bf16 x (mixed precision) — else one error naming both dtypes."""
+    from groupnorm import kernels
+
+    if backend == "auto":  # force auto onto the C++ path, where the mix used to pass
+        for key in kernels.CPU_AUTO_TABLE:
+            monkeypatch.setitem(kernels.CPU_AUTO_TABLE, key, (0, 1 << 62))
+    x = torch.randn(2, 4, 3, 3).to(x_dtype).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(4).to(p_dtype) + 0.5, torch.randn(4).to(p_dtype)
+    allowed = p_dtype == x_dtype or (x_dtype in (torch.float16, torch.bfloat16)
+                                     and p_dtype == torch.float32)
+    if not allowed:
+        with pytest.raises(TypeError, match=rf"weight {p_dtype}, bias {p_dtype}.*{x_dtype}"):
+            group_norm(x, 2, w, b, backend=backend)
+        with pytest.raises(TypeError, match=rf"weight {p_dtype}\).*{x_dtype}"):
+            group_norm(x, 2, w, None, backend=backend)
+        return
+    y = group_norm(x, 2, w, b, backend=backend)
+    want = F.group_norm(x.contiguous(), 2, w, b)  # aten accepts exactly these combinations
+    assert y.dtype == want.dtype == x_dtype
+    atol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(x_dtype, 2e-2)
+    torch.testing.assert_close(y, want.contiguous(memory_format=torch.channels_last), atol=atol,
+                               rtol=atol)
+
+
+def test_residual_dtype_must_match():
+    with pytest.raises(TypeError, match=r"residual dtype torch.float64 differs .* torch.float32"):
+        group_norm(torch.randn(2, 4, 3), 2, residual=torch.randn(2, 4, 3, dtype=torch.float64))

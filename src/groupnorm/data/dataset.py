@@ -3,22 +3,55 @@
 Every reader in :mod:`groupnorm.data` returns an :class:`ImageDataset`: the whole split as one
 uint8 tensor plus int64 labels. Keeping pixels as uint8 costs 1 byte per value (Fashion-MNIST train
 is 47 MB), and the :class:`~groupnorm.data.loader.Loader` turns a batch into normalized float32 only
-when it is cut, so there is no per-sample Python anywhere between disk and the model.
+when it is cut, so there is no per-sample Python anywhere between disk and the model. It is also a
+``torch.utils.data.Dataset`` (``ds[i]`` is one uint8 image and its label), for code that wants a
+DataLoader; and it carries the identity of the files it was read from (:class:`DataFile`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import torch
+from torch.utils.data import Dataset
 
-__all__ = ["ImageDataset", "channel_stats", "train_val_split", "subset"]
+__all__ = ["ImageDataset", "DataFile", "data_file", "channel_stats", "train_val_split", "subset"]
 
 
-@dataclass
-class ImageDataset:
-    """One split of an image (or video) classification dataset, held in memory."""
+class DataFile(NamedTuple):
+    """The identity of one data file a dataset was read from (recorded with every run).
+
+    For a directory tree (an extracted image folder) ``path`` is the directory, ``size`` the total
+    bytes of the files read, and ``sha256`` the hash of their sorted (relative path, size, SHA-256)
+    list.
+    """
+
+    path: str  # absolute path
+    size: int  # bytes
+    sha256: str  # hex digest of the content
+
+
+def data_file(path: str | os.PathLike) -> DataFile:
+    """The :class:`DataFile` of a file on disk: absolute path, size and SHA-256 (read once)."""
+    path = os.path.abspath(path)
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return DataFile(path, os.path.getsize(path), digest)
+
+
+@dataclass(eq=False, repr=False)
+class ImageDataset(Dataset):
+    """One split of an image (or video) classification dataset, held in memory.
+
+    A ``torch.utils.data.Dataset``: ``ds[i]`` is ``(image, label)``, the image a uint8 tensor
+    (C, H, W) (or (C, T, H, W)) as stored, the label an int; ``len(ds)`` the number of samples.
+    Normalize with ``mean``/``std`` (``(image / 255 - mean) / std`` per channel), or let
+    :class:`~groupnorm.data.Loader` cut, augment and normalize whole batches.
+    """
 
     images: torch.Tensor  # uint8 (N, C, H, W), or video (N, C, T, H, W)
     labels: torch.Tensor  # int64 (N,), values in [0, num_classes)
@@ -26,6 +59,11 @@ class ImageDataset:
     name: str  # registry name, e.g. "fashion-mnist"; splits keep the parent's name
     mean: tuple[float, ...]  # per-channel mean of images/255 over the *train* split
     std: tuple[float, ...]  # per-channel std (biased) of images/255 over the *train* split
+    # The files these values were read from: the split's own, plus the train split's for a
+    # test split (its mean/std come from there). Empty for generated data (its options are its
+    # identity).
+    files: tuple[DataFile, ...] = ()
+    classes: tuple[str, ...] = ()  # class names by label, when the source names them
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() not in (4, 5):
@@ -41,9 +79,22 @@ class ImageDataset:
         if len(self.mean) != c or len(self.std) != c:
             raise ValueError(
                 f"mean {self.mean} and std {self.std} must have one entry per channel (C={c})")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(
+                f"classes has {len(self.classes)} names but num_classes is "
+                f"{self.num_classes}; give one name per class or none")
+        self.files = tuple(DataFile(*f) for f in self.files)
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        """Sample ``index``: its uint8 image (C, H, W) or clip (C, T, H, W), and its label."""
+        return self.images[index], int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return (f"ImageDataset({self.name!r}, n={len(self)}, image_shape={self.image_shape}, "
+                f"num_classes={self.num_classes}, files={len(self.files)})")
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -67,21 +118,26 @@ class ImageDataset:
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (biased) std of ``images / 255`` for a uint8 (N, C, ...) tensor.
 
-    Accumulates per channel in float64 in chunks, so a 150 MB CIFAR train split never becomes a
-    1.2 GB float64 copy.
+    Counts each channel's byte values (a 256-bin histogram per channel, in chunks), so the sums
+    of values and of squares are exact integers (what the float64 sums this replaced computed too,
+    since they stay below 2**53) at a fraction of the cost: ~0.5 s instead of ~5 s for CIFAR-10's
+    150 MB train split.
     """
     n, c = images.shape[:2]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    count = 0
+    if images.dtype != torch.uint8:
+        raise ValueError(f"channel_stats needs uint8 images, got {images.dtype}")
+    counts = torch.zeros(c, 256, dtype=torch.int64)
     step = max(1, (1 << 24) // max(1, images[0].numel()))  # ~16M values per chunk
     for start in range(0, n, step):
-        chunk = images[start:start + step].transpose(0, 1).reshape(c, -1).to(torch.float64)
-        total += chunk.sum(1)
-        total_sq += chunk.square().sum(1)
-        count += chunk.shape[1]
+        chunk = images[start:start + step]
+        for k in range(c):
+            counts[k] += torch.bincount(chunk[:, k].reshape(-1), minlength=256)
+    count = int(counts[0].sum())
     if count == 0:
         raise ValueError("cannot compute channel statistics of an empty dataset")
+    values = torch.arange(256, dtype=torch.int64)
+    total = (counts * values).sum(1).to(torch.float64)  # exact: at most 255 * 2**40
+    total_sq = (counts * values.square()).sum(1).to(torch.float64)
     mean = total / count
     var = (total_sq / count - mean.square()).clamp_min(0)  # exact enough in float64 for 0..255
     mean, std = mean / 255.0, var.sqrt() / 255.0

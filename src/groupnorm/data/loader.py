@@ -51,6 +51,10 @@ class Loader:
         rank, world_size: this process's shard for data-parallel training.
         pad: zero padding of the random crop, pixels per side.
         flip: include the horizontal flip in ``augment`` (turn off for digits).
+        channels_last: yield batches in channels-last memory format (``channels_last_3d`` for
+            clips), for a model converted with ``model.to(memory_format=torch.channels_last)``;
+            the values are the same. The uint8 split is kept in that layout, so no batch is
+            converted.
 
     Yields ``(x, y)``: x float32 ``(B, C, H, W)`` / ``(B, C, T, H, W)`` normalized with the
     dataset's per-channel mean/std, y int64 ``(B,)``.
@@ -59,7 +63,7 @@ class Loader:
     def __init__(self, ds: ImageDataset, batch_size: int, *, shuffle: bool = True,
                  augment: bool = False, drop_last: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                 pad: int = 4, flip: bool = True) -> None:
+                 pad: int = 4, flip: bool = True, channels_last: bool = False) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -81,8 +85,14 @@ class Loader:
         self.world_size = world_size
         self.pad = pad
         self.flip = flip
+        self.channels_last = channels_last
         self.epoch = 0
         self.images = ds.images.to(self.device)  # uint8, resident for the loader's lifetime
+        self._format = torch.contiguous_format
+        if channels_last:
+            self._format = torch.channels_last if ds.images.dim() == 4 else torch.channels_last_3d
+            # gather, pad and the normalizing addcmul all keep this layout
+            self.images = self.images.contiguous(memory_format=self._format)
         self.labels = ds.labels.to(self.device)
         shape = (1, -1) + (1,) * (ds.images.dim() - 2)  # broadcast over (N, C, *spatial)
         mean = torch.tensor(ds.mean, dtype=torch.float32)
@@ -125,7 +135,7 @@ class Loader:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]  # uint8 gather, (B, C, *spatial)
             if self.augment:
-                x = self._crop_flip(x, g)
+                x = self._crop_flip(x, g).contiguous(memory_format=self._format)
             yield torch.addcmul(self._shift, x.to(torch.float32), self._scale), self.labels[idx]
 
     def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -153,4 +163,5 @@ class Loader:
         return (f"Loader({self.ds.name!r}, n={len(self.ds)}, batch_size={self.batch_size}, "
                 f"shuffle={self.shuffle}, augment={self.augment}, drop_last={self.drop_last}, "
                 f"seed={self.seed}, epoch={self.epoch}, rank={self.rank}/{self.world_size}, "
-                f"device={self.device})")
+                f"device={self.device}" + (", channels_last=True" if self.channels_last else "")
+                + ")")

@@ -154,11 +154,16 @@ def download(remotes: Sequence[Remote], dest: Path) -> None:
 
 
 def not_found_message(title: str, split: str, dirs: Sequence[Path],
-                      files: Sequence[str], how: str, download_error: str | None) -> str:
+                      files: Sequence[str], how: str, download_error: str | None,
+                      downloadable: bool = True) -> str:
     """The text of a :class:`DatasetNotFoundError`: what was looked for, where, and the fix."""
     where = "\n".join(f"  - {d}" for d in dirs)
-    dl = (f"\nDownload failed: {download_error}" if download_error
-          else "\n(download=False, so no download was attempted)")
+    if not downloadable:
+        dl = "\n(no official download exists for this dataset)"
+    elif download_error:
+        dl = f"\nDownload failed: {download_error}"
+    else:
+        dl = "\n(download=False, so no download was attempted)"
     return (f"{title} ({split} split) not found. Looked for {', '.join(files)} in:\n{where}{dl}\n"
             f"Fix: {how} Or put the files in one of the directories above, pass root=..., or set "
             "GROUPNORM_DATA=<dir>.")

@@ -1,29 +1,47 @@
-"""Run configuration: one dataclass read top to bottom, TOML presets, and `key=value` overrides.
+"""A run's configuration: one dataclass read top to bottom, checked when it is built.
 
-A preset is a TOML file with a `[defaults]` table (fields of `TrainConfig`) and any number of
-`[[study]]` tables, each with a `name`, a `kind` (what the report does with it), optional fixed
-`set` overrides and a `grid` of field -> list of values. A dict value replaces the whole dict
-field (`norm_options = { group_size = 1 }` drops the default num_groups); a quoted dotted key
-changes one entry: `"norm_options.num_groups" = [1, 2, 4]`. Grid keys vary last-fastest.
+``TrainConfig`` holds everything that decides a run's numbers plus two runtime knobs (device,
+progress). Every field is checked for type and range as the object is built, so a bad value
+fails with one line naming the field, the value and the fix, before any run is queued:
+
+    >>> make_config({"lr": "nan"})
+    ConfigError: lr=nan: must be a finite number > 0 (e.g. lr=0.1)
+
+Overrides come as ``key=value`` text (``--set``): values are parsed as TOML (numbers, booleans,
+lists), and a dotted key reaches into a dict field (``norm_options.num_groups=8``). The dotted
+keys are read and written here and nowhere else (:func:`set_dotted`, :func:`flatten`).
+
+A run's identity is its config minus the runtime knobs; ``config_hash()`` is a short hash of it
+and names the run in a results database. To add a field: give it a default and a comment below,
+a rule in ``_RULES`` if its type alone does not say what is allowed, and, if runs recorded before
+it existed implicitly used one value, put that value in ``HASHED_WHEN_NOT`` so that their hashes
+(and so the done runs of existing databases) stay valid.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
+import math
+import re
 import tomllib
+import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot run; the message names the field, value and fix."""
 
 
 @dataclass
 class TrainConfig:
-    """Everything that decides one training run's numbers (plus a few runtime knobs)."""
+    """Everything that decides one training run's numbers (plus the device and progress bars)."""
 
     # --- model ---
     model: str = "simplenet"  # a name from groupnorm.models.list_models()
@@ -65,11 +83,12 @@ class TrainConfig:
     pretrain_lr: float | None = None  # base LR of pretraining; None = lr
     # --- evaluation and reporting ---
     report_last: int = 5  # reported error = median val error of the last report_last epochs (paper)
-    # --- runtime (not part of the run's identity: see RUNTIME_FIELDS) ---
+    # --- how the numbers are computed ---
     seed: int = 0  # torch seed and loader shuffle seed
-    device: str = "cpu"  # cpu | cuda | cuda:1 ...
-    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    num_threads: int = 1  # torch CPU threads: part of the identity (float sums split by thread)
     deterministic: bool = True  # torch.use_deterministic_algorithms (CPU numbers bit-identical)
+    # --- runtime (not part of the run's identity: see RUNTIME_FIELDS) ---
+    device: str = "cpu"  # cpu | cuda | cuda:1 ...
     progress: bool = True  # tqdm bars when stdout is a terminal, log lines otherwise
 
     def __post_init__(self) -> None:
@@ -80,59 +99,155 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the run's numbers (the config hash is over these)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The fields that decide the run's numbers."""
+        return identity_of(self.to_dict())
 
     def config_hash(self) -> str:
-        """Stable 16-hex-digit hash of `identity()`; one run per hash in a results database."""
-        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        """Stable 16-hex-digit hash of the identity; one run per hash in a results database."""
+        ident = {k: v for k, v in self.identity().items()
+                 if not (k in HASHED_WHEN_NOT and v == HASHED_WHEN_NOT[k])}
+        blob = json.dumps(ident, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def step_lr(self, phase: str = "train") -> float:
         """The learning rate after batch-size scaling (LR = lr * n / ref_batch, paper)."""
         if phase == "pretrain":
-            base, n = (self.pretrain_lr if self.pretrain_lr is not None else self.lr), (
-                self.pretrain_batch_size
-            )
+            base = self.pretrain_lr if self.pretrain_lr is not None else self.lr
+            n = self.pretrain_batch_size
         else:
             base, n = self.lr, self.batch_size
         return base * n / self.ref_batch if self.lr_scaling == "linear" else base
 
 
-# Fields that do not change a run's numbers on a given device, or that a user may change when
-# resuming (device, threads, progress bars). Seed IS part of the identity.
-RUNTIME_FIELDS = frozenset({"device", "num_threads", "progress"})
+# Fields a user may change when resuming a run: they do not change its numbers on a device.
+RUNTIME_FIELDS = frozenset({"device", "progress"})
 
-_CHOICES = {
-    "optimizer": ("sgd", "adam", "adamw"),
-    "lr_scaling": ("linear", "none"),
-    "schedule": ("step", "cosine", "constant"),
-    "val_split": ("test", "train"),
-}
+# Fields that became part of the identity after results were first recorded, with the value
+# those runs used; a field at that value is left out of the hash, so earlier hashes stay valid.
+# (Shipped presets always ran num_threads = 1; a database row recorded with another value under
+# the same hash is refused when enqueued, see Store.enqueue.)
+HASHED_WHEN_NOT: dict[str, Any] = {"num_threads": 1}
 
 
-def _validate(cfg: TrainConfig) -> None:
-    for name, choices in _CHOICES.items():
-        value = getattr(cfg, name)
-        if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {choices}")
-    for name in ("batch_size", "workers", "epochs", "eval_batch_size", "ref_batch", "report_last"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or value < (0 if name == "epochs" else 1):
-            raise ValueError(f"{name}={value!r} must be a positive integer")
-    if cfg.pretrain_epochs < 0:
-        raise ValueError(f"pretrain_epochs={cfg.pretrain_epochs} must be >= 0")
-    if any(not 0.0 < m <= 1.0 for m in cfg.milestones):
-        raise ValueError(
-            f"milestones={cfg.milestones} are fractions of training; use values in (0, 1], "
-            "e.g. [0.3, 0.6, 0.9] for the paper's epochs 30, 60, 90 of 100"
-        )
+def identity_of(config: dict[str, Any]) -> dict[str, Any]:
+    """The identity of a stored config dict (fields it lacks take today's defaults)."""
+    full = {**_defaults(), **config}
+    return {k: v for k, v in full.items() if k not in RUNTIME_FIELDS}
+
+
+def _defaults() -> dict[str, Any]:
+    return {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING
+                     else f.default) for f in dataclasses.fields(TrainConfig)}
 
 
 # ---------------------------------------------------------------------------------------------
-# overrides
+# checks: type from the annotation, range from _RULES
 
 
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+# field -> (allowed?, what "allowed" is, in words with an example)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "val_split": (lambda v: v in ("test", "train"), "'test' or 'train'"),
+    "optimizer": (lambda v: v in ("sgd", "adam", "adamw"), "one of sgd, adam, adamw"),
+    "lr_scaling": (lambda v: v in ("linear", "none"), "'linear' or 'none'"),
+    "schedule": (lambda v: v in ("step", "cosine", "constant"), "one of step, cosine, constant"),
+    "device": (lambda v: bool(_DEVICE.match(v)), "cpu, cuda or cuda:K (e.g. device=cpu)"),
+    "model": (bool, "a model name (e.g. model=simplenet)"),
+    "norm": (bool, "a norm name (e.g. norm=gn)"),
+    "dataset": (bool, "a dataset name (e.g. dataset=fashion-mnist)"),
+    "train_size": (lambda v: v is None or v >= 1, "an integer >= 1, or none for all"),
+    "val_size": (lambda v: v is None or v >= 1, "an integer >= 1, or none for the whole split"),
+    "data_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: v >= 0, "an integer >= 0 (e.g. seed=0)"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1 (e.g. batch_size=32)"),
+    "workers": (lambda v: v >= 1, "an integer >= 1 (e.g. workers=8)"),
+    "eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "epochs": (lambda v: v >= 1, "an integer >= 1 (e.g. epochs=10)"),
+    "ref_batch": (lambda v: v >= 1, "an integer >= 1 (e.g. ref_batch=32)"),
+    "report_last": (lambda v: v >= 1, "an integer >= 1 (e.g. report_last=5)"),
+    "pretrain_epochs": (lambda v: v >= 0, "an integer >= 0 (0: no pretraining)"),
+    "pretrain_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "num_threads": (lambda v: v >= 1, "an integer >= 1 (e.g. num_threads=1)"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0 (e.g. lr=0.1)"),
+    "pretrain_lr": (lambda v: v is None or (_finite(v) and v > 0),
+                    "a finite number > 0, or none for lr"),
+    "momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1) (e.g. momentum=0.9)"),
+    "weight_decay": (lambda v: _finite(v) and v >= 0,
+                     "a finite number >= 0 (e.g. weight_decay=1e-4)"),
+    "lr_decay": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1] (e.g. lr_decay=0.1)"),
+    "warmup_epochs": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "warmup_factor": (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "label_smoothing": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "milestones": (lambda v: all(_finite(m) and 0 < m <= 1 for m in v),
+                   "fractions of training in (0, 1], e.g. [0.3, 0.6, 0.9] for the paper's "
+                   "epochs 30, 60, 90 of 100"),
+}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether `value` has the annotated type (bool is not an int; an int is not a float here:
+    make_config converts ints to floats first)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, float)
+    return isinstance(value, hint)
+
+
+def _type_words(hint: Any) -> str:
+    words = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if typing.get_origin(hint) is list:
+        return "a list of numbers"
+    if typing.get_origin(hint) is dict:
+        return "a table of options (e.g. {num_groups = 8})"
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return words.get(args[0], str(args[0])) + " or none"
+    return words.get(hint, str(hint))
+
+
+def _validate(cfg: TrainConfig) -> None:
+    hints = config_fields()
+    for name, hint in hints.items():
+        value = getattr(cfg, name)
+        rule = _RULES.get(name)
+        if not _type_ok(value, hint):
+            # a rule's words say the type too ("an integer >= 1"), except for names and choices
+            words = rule[1] if rule is not None and hint is not str else _type_words(hint)
+            raise ConfigError(f"{name}={value!r}: must be {words}")
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{name}={value!r}: must be {rule[1]}")
+    if cfg.val_split == "train" and cfg.val_size is None:
+        raise ConfigError("val_split='train' needs val_size, the number of training images held "
+                          "out for evaluation (e.g. val_size=5000)")
+    if cfg.nesterov and (cfg.optimizer != "sgd" or cfg.momentum == 0):
+        raise ConfigError(f"nesterov=true needs optimizer='sgd' with momentum > 0 (have "
+                          f"optimizer={cfg.optimizer!r}, momentum={cfg.momentum}); set "
+                          "nesterov=false or momentum=0.9")
+
+
+# ---------------------------------------------------------------------------------------------
+# overrides and dotted keys
+
+
+@functools.cache
 def config_fields() -> dict[str, Any]:
     """Field name -> resolved type annotation of TrainConfig."""
     return typing.get_type_hints(TrainConfig)
@@ -169,7 +284,8 @@ def split_values(text: str) -> list[Any]:
 def parse_assignment(text: str) -> tuple[str, list[Any]]:
     """Parse `key=v1,v2` into (key, [v1, v2]); the key is checked against TrainConfig's fields."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} must look like key=value (e.g. norm=gn or seed=0,1)")
+        raise ConfigError(f"override {text!r} must look like key=value (e.g. norm=gn or "
+                          "seed=0,1)")
     key, _, value = text.partition("=")
     key = key.strip()
     check_key(key)
@@ -177,14 +293,35 @@ def parse_assignment(text: str) -> tuple[str, list[Any]]:
 
 
 def check_key(key: str) -> None:
-    """Raise a ValueError naming the known fields if `key` (maybe dotted) is not a config field."""
+    """Raise a ConfigError naming the known fields if `key` (maybe dotted) is not a config field."""
     root = key.split(".", 1)[0]
     fields = config_fields()
     if root not in fields:
         known = ", ".join(sorted(fields))
-        raise ValueError(f"unknown config field {root!r}; known fields: {known}")
-    if "." in key and not isinstance(TrainConfig().to_dict()[root], dict):
-        raise ValueError(f"{root!r} is not a dict field, so {key!r} cannot use a dotted key")
+        raise ConfigError(f"unknown config field {root!r}; known fields: {known}")
+    if "." in key and typing.get_origin(fields[root]) is not dict:
+        raise ConfigError(f"{root!r} is not a dict field, so {key!r} cannot use a dotted key")
+
+
+def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """Set `key` in a config dict; `a.b` sets entry b of dict field a (a copy of that dict)."""
+    if "." in key:
+        root, sub = key.split(".", 1)
+        config[root] = {**(config.get(root) or {}), sub: value}
+    else:
+        config[key] = value
+
+
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with its dict fields spread into dotted keys (norm_options.num_groups)."""
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            for sk, sv in v.items():
+                out[f"{k}.{sk}"] = sv
+        else:
+            out[k] = v
+    return out
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -192,14 +329,15 @@ def _coerce(key: str, value: Any) -> Any:
     if "." in key:
         return value
     hint = config_fields()[key]
+    if hint is str:  # `--norm none` is the name "none", and a name may look like a number
+        return "none" if value is None else value if isinstance(value, str) else str(value)
     if value is None:
         return None
     if hint in (float, float | None) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is str and not isinstance(value, str):
-        return str(value)
-    if typing.get_origin(hint) is list and not isinstance(value, list):
-        return [value]
+    if typing.get_origin(hint) is list:
+        items = value if isinstance(value, list) else [value]
+        return [float(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in items]
     return value
 
 
@@ -208,13 +346,7 @@ def apply_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str
     out = copy.deepcopy(base)
     for key, value in overrides.items():
         check_key(key)
-        if "." in key:
-            root, sub = key.split(".", 1)
-            out.setdefault(root, {})
-            out[root] = dict(out[root] or {})
-            out[root][sub] = value
-        else:
-            out[key] = _coerce(key, value)
+        set_dotted(out, key, _coerce(key, value))
     return out
 
 
@@ -222,113 +354,3 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a (possibly partial, possibly dotted) dict of field values."""
     merged = apply_overrides(TrainConfig().to_dict(), values)
     return TrainConfig(**merged)
-
-
-# ---------------------------------------------------------------------------------------------
-# presets
-
-
-@dataclass
-class Study:
-    """One study of a preset: a grid of runs that the report turns into one table/figure."""
-
-    name: str  # unique within the preset, e.g. "batch_size"
-    kind: str  # batch | norms | groups | batch_renorm | ws | finetune | video | grid
-    description: str = ""  # one line shown in the report
-    set: dict[str, Any] = field(default_factory=dict)  # fixed overrides of the preset defaults
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # field -> values (product)
-
-
-@dataclass
-class Preset:
-    """A named set of defaults and studies, loaded from TOML."""
-
-    name: str
-    description: str
-    defaults: dict[str, Any]
-    studies: list[Study]
-
-    def expand(
-        self, overrides: dict[str, list[Any]] | None = None, studies: list[str] | None = None
-    ) -> list[tuple[Study, TrainConfig]]:
-        """All (study, config) pairs; single-valued overrides fix a field, lists become axes."""
-        overrides = overrides or {}
-        pairs: list[tuple[Study, TrainConfig]] = []
-        chosen = self.studies
-        if studies:
-            unknown = sorted(set(studies) - {s.name for s in self.studies})
-            if unknown:
-                names = ", ".join(s.name for s in self.studies)
-                raise ValueError(f"unknown studies {unknown} in preset {self.name!r}; have {names}")
-            chosen = [s for s in self.studies if s.name in studies]
-        for study in chosen:
-            grid = dict(study.grid)
-            fixed = {**self.defaults, **study.set}
-            for key, values in overrides.items():
-                if len(values) == 1:
-                    fixed[key] = values[0]
-                    grid.pop(key, None)
-                else:
-                    grid[key] = values
-            for combo in grid_product(grid):
-                pairs.append((study, make_config({**fixed, **combo})))
-        return pairs
-
-
-def grid_product(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Cartesian product of a field -> values grid, in the grid's key order (last key fastest)."""
-    combos: list[dict[str, Any]] = [{}]
-    for key, values in grid.items():
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"grid value for {key!r} must be a non-empty list, got {values!r}")
-        combos = [{**c, key: v} for c in combos for v in values]
-    return combos
-
-
-def list_presets() -> list[str]:
-    """Names of the presets shipped in groupnorm/presets/."""
-    root = resources.files("groupnorm").joinpath("presets")
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml"))
-
-
-def load_preset(name_or_path: str | Path) -> Preset:
-    """Load a shipped preset by name (`quick`) or any TOML file by path."""
-    path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists():
-        text, name = path.read_text(), path.stem
-    else:
-        res = resources.files("groupnorm").joinpath("presets", f"{name_or_path}.toml")
-        if not res.is_file():
-            raise ValueError(
-                f"no preset {str(name_or_path)!r}; shipped presets: {', '.join(list_presets())} "
-                "(or pass a path to a .toml file)"
-            )
-        text, name = res.read_text(), str(name_or_path)
-    return parse_preset(tomllib.loads(text), name)
-
-
-def parse_preset(data: dict[str, Any], name: str) -> Preset:
-    """Build a Preset from parsed TOML, checking every key against TrainConfig's fields."""
-    defaults = dict(data.get("defaults", {}))
-    for key in defaults:
-        check_key(key)
-    studies = []
-    for raw in data.get("study", []):
-        known = {"name", "kind", "description", "set", "grid"}
-        extra = set(raw) - known
-        if extra:
-            raise ValueError(f"study {raw.get('name')!r} has unknown keys {sorted(extra)}")
-        study = Study(
-            name=raw["name"],
-            kind=raw.get("kind", "grid"),
-            description=raw.get("description", ""),
-            set=dict(raw.get("set", {})),
-            grid=dict(raw.get("grid", {})),
-        )
-        for key in (*study.set, *study.grid):
-            check_key(key)
-        studies.append(study)
-    if not studies:
-        studies = [Study(name=name, kind="grid")]
-    return Preset(name=name, description=data.get("description", ""), defaults=defaults,
-                  studies=studies)

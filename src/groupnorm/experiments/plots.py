@@ -1,4 +1,8 @@
-"""The report's figures (matplotlib, Agg): error vs batch size, group ablation, error curves."""
+"""The report's figures (matplotlib, Agg): error vs batch size, group ablation, error curves.
+
+Which figures a study gets depends on what varies in it; the published numbers beside ours come
+from the study's kind (kinds.py).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from .report import Cell, _col_name, mean_std, norm_label, paper_value
+from .cells import Cell, col_name, mean_std
+from .kinds import StudyKind
+from .recipe import norm_label
 from .store import Store
 
 _PNG_META = {"Software": None}  # no matplotlib version in the file: same data, same bytes
 
 
-def _plt():
+def _plt() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -22,29 +28,28 @@ def _plt():
     return plt
 
 
-def study_figures(study: dict[str, Any], varying: list[str], cells: list[Cell], store: Store,
-                  out: Path) -> list[tuple[str, str]]:
+def study_figures(name: str, kind: StudyKind, varying: list[str], cells: list[Cell],
+                  store: Store, out: Path) -> list[tuple[str, str]]:
     """Draw a study's figures into `out`; returns (file name, caption) pairs."""
-    name, kind = study["name"], study["kind"]
     figs = []
     if "batch_size" in varying:
-        figs.append((batch_figure(name, kind, varying, cells, out / f"{name}_error_vs_batch.png"),
+        figs.append((batch_figure(name, kind, cells, out / f"{name}_error_vs_batch.png"),
                      f"{name}: val error vs batch size (Figure 1 style)"))
     for key in ("norm_options.num_groups", "norm_options.group_size"):
         if key in varying:
-            fname = f"{name}_{_col_name(key).replace('/', '_per_')}.png"
+            fname = f"{name}_{col_name(key).replace('/', '_per_')}.png"
             figs.append((group_figure(name, kind, key, cells, out / fname),
-                         f"{name}: val error vs {_col_name(key)} (Table 3 style)"))
+                         f"{name}: val error vs {col_name(key)} (Table 3 style)"))
     figs.append((curves_figure(name, varying, cells, store, out / f"{name}_curves.png"),
                  f"{name}: train (dashed) and val (solid) error per epoch (Figure 4 style)"))
     return figs
 
 
-def batch_figure(name: str, kind: str, varying: list[str], cells: list[Cell], path: Path) -> str:
-    """Error vs batch size, one line per norm; the paper's numbers beside when it has them."""
+def batch_figure(name: str, kind: StudyKind, cells: list[Cell], path: Path) -> str:
+    """Error vs batch size, one line per norm; the published numbers beside when there are."""
     plt = _plt()
     norms = sorted({c.values.get("norm") for c in cells}, key=str)
-    has_paper = any(paper_value(kind, c.values) is not None for c in cells)
+    has_paper = any(kind.paper(c.values) is not None for c in cells)
     fig, axes = plt.subplots(1, 2 if has_paper else 1, figsize=(9 if has_paper else 5, 3.6),
                              squeeze=False)
     ax = axes[0][0]
@@ -54,7 +59,7 @@ def batch_figure(name: str, kind: str, varying: list[str], cells: list[Cell], pa
         # other varying fields (besides norm and n) become separate lines
         groups: dict[str, list[Cell]] = {}
         for c in sel:
-            rest = " ".join(f"{_col_name(k)}={v}" for k, v in c.values.items()
+            rest = " ".join(f"{col_name(k)}={v}" for k, v in c.values.items()
                             if k not in ("norm", "batch_size"))
             groups.setdefault(rest, []).append(c)
         for rest, cs in groups.items():
@@ -71,15 +76,14 @@ def batch_figure(name: str, kind: str, varying: list[str], cells: list[Cell], pa
     if has_paper:
         ax2 = axes[0][1]
         for norm in norms:
-            pts = sorted({(c.values["batch_size"], paper_value(kind, c.values)) for c in cells
-                          if c.values.get("norm") == norm and paper_value(kind, c.values)
-                          is not None})
+            pts = sorted({(c.values["batch_size"], kind.paper(c.values)) for c in cells
+                          if c.values.get("norm") == norm and kind.paper(c.values) is not None})
             if pts:
                 ax2.plot([p[0] for p in pts], [p[1] for p in pts], marker="s", linestyle="--",
                          label=norm_label(norm))
         ax2.set_xscale("log", base=2)
         ax2.set_xlabel("images per GPU n")
-        ax2.set_title("paper (ImageNet ResNet-50)" if kind == "batch" else "published")
+        ax2.set_title(kind.published_title)
         ax2.legend(fontsize=8)
         ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -88,7 +92,7 @@ def batch_figure(name: str, kind: str, varying: list[str], cells: list[Cell], pa
     return path.name
 
 
-def group_figure(name: str, kind: str, key: str, cells: list[Cell], path: Path) -> str:
+def group_figure(name: str, kind: StudyKind, key: str, cells: list[Cell], path: Path) -> str:
     """Error vs number of groups (or channels per group), ours and the paper's."""
     plt = _plt()
     sel = sorted((c for c in cells if c.values.get(key) is not None), key=lambda c: c.values[key])
@@ -97,14 +101,14 @@ def group_figure(name: str, kind: str, key: str, cells: list[Cell], path: Path) 
     ms = [mean_std(c.errors()) for c in sel]
     ax.errorbar(xs, [m for m, _ in ms], yerr=[s for _, s in ms], marker="o", capsize=3,
                 label="ours")
-    pts = [(c.values[key], paper_value(kind, c.values)) for c in sel]
+    pts = [(c.values[key], kind.paper(c.values)) for c in sel]
     pts = [p for p in pts if p[1] is not None]
     if pts:
         ax2 = ax.twinx()
         ax2.plot([p[0] for p in pts], [p[1] for p in pts], "s--", color="gray", label="paper")
         ax2.set_ylabel("paper val error (%)", color="gray")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel(_col_name(key))
+    ax.set_xlabel(col_name(key))
     ax.set_ylabel("val error (%)")
     ax.set_title(name)
     ax.grid(alpha=0.3)
@@ -135,7 +139,7 @@ def curves_figure(name: str, varying: list[str], cells: list[Cell], store: Store
             tr = np.mean([[e["train_error"] for e in ep[:length]] for ep in curves], axis=0)
             va = np.mean([[e["val_error"] for e in ep[:length]] for ep in curves], axis=0)
             color = cmap(i / max(len(cs) - 1, 1)) if len(cells) > 10 else cmap(i % 10)
-            label = " ".join(f"{_col_name(k)}={norm_label(v) if k == 'norm' else v}"
+            label = " ".join(f"{col_name(k)}={norm_label(v) if k == 'norm' else v}"
                              for k, v in c.values.items() if not (panel and k == "norm"))
             ax.plot(x, va, color=color, label=label or "val")
             ax.plot(x, tr, color=color, linestyle="--", alpha=0.7)

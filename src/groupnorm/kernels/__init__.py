@@ -8,7 +8,10 @@ The core (:func:`groupnorm.group_norm`) dispatches through two functions defined
 Both backends are ``torch.library`` custom ops (``groupnorm::gn_{cpu,triton}_{fwd,bwd}``, see
 :mod:`groupnorm.kernels.ops`), so they are differentiable and ``torch.compile(fullgraph=True)``
 traces them without graph breaks; eager calls reach the same kernels through a cheaper
-``autograd.Function``. Statistics are always fp32 (fp64 for fp64 inputs).
+``autograd.Function``. Statistics are always fp32 (fp64 for fp64 inputs). The kernels compute
+the forward and first-order gradients of plain tensors; every other mode is sent to the
+composite path by :func:`groupnorm.group_norm` before it gets here, or, for a second derivative,
+by the backward itself (:mod:`groupnorm.kernels.ops`).
 """
 
 from __future__ import annotations
@@ -19,24 +22,32 @@ import os
 import torch
 from torch import Tensor
 
-from groupnorm.kernels.ops import (
-    ACT_CODES,
-    dense_layout,
-    is_channels_last,
-    run_backend,
-    strides_like,
-)
+from groupnorm.activations import ACT_CODES
+from groupnorm.kernels.ops import run_backend
+from groupnorm.layout import dense_layout, is_channels_last, strides_like
 
 __all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available",
-           "CPU_AUTO_TABLE", "CUDA_AUTO_TABLE"]
+           "cpu_ext_ready", "CPU_AUTO_TABLE", "CUDA_AUTO_TABLE"]
 
 
 class BackendUnavailable(RuntimeError):
     """A fast backend cannot run this input (no device, no compiler, unsupported layout)."""
 
 
-@torch.compiler.assume_constant_result
-def _cpu_ext_ready() -> bool:
+def _constant_under_compile(fn):
+    """Mark fn as returning a constant to dynamo, without importing dynamo.
+
+    This is what ``torch.compiler.assume_constant_result`` does (torch 2.0 to 2.13 set this
+    attribute and nothing else), but that function imports ``torch._dynamo`` — seconds that
+    ``import groupnorm`` must not pay (tests/test_import.py). If a later torch stops honouring
+    the attribute, dynamo traces into fn and tests/test_compile.py's fullgraph cases fail.
+    """
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_under_compile
+def cpu_ext_ready() -> bool:
     """Whether the C++ extension is built (compiling it at first call); a constant to dynamo."""
     from groupnorm.kernels import cpu_ext
 
@@ -53,13 +64,13 @@ def _import_triton() -> bool:
     return True
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def triton_available() -> bool:
     """True when ``import triton`` works (kernels also need CUDA or ``TRITON_INTERPRET=1``)."""
     return _import_triton()
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -113,17 +124,9 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
     if x.device.type != "cpu" or x.dtype not in CPU_AUTO_DTYPES:
         return "torch"
     span = CPU_AUTO_TABLE[key]
-    if span is None or not span[0] <= x.numel() < span[1] or not _cpu_ext_ready():
+    if span is None or not span[0] <= x.numel() < span[1] or not cpu_ext_ready():
         return "torch"
     return "cpu"
-
-
-def _torch_path(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None,
-                eps: float, activation: str | None, residual: Tensor | None) -> Tensor:
-    """Unfused torch ops: the fallback when the C++ extension cannot be built."""
-    from groupnorm.functional import _torch_backend  # functional imports this module
-
-    return _torch_backend(x, num_groups, weight, bias, eps, activation, residual)
 
 
 def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | None,
@@ -132,7 +135,9 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
     """Run GroupNorm (+ residual + activation) on a fast backend (``"triton"`` or ``"cpu"``).
 
     The output keeps x's dtype and (dense) memory format. Raises :class:`BackendUnavailable`
-    when the backend cannot run this input.
+    when the backend cannot run this input (:func:`groupnorm.group_norm` then falls back to
+    the composite torch path where that is the documented behaviour). Callers have already sent
+    transforms, forward AD and tracing to the composite path (:mod:`groupnorm.modes`).
     """
     if activation not in ACT_CODES:
         raise ValueError(f"activation {activation!r} is not one of None, 'relu', 'silu', 'gelu'")
@@ -144,8 +149,9 @@ def group_norm_fast(backend: str, x: Tensor, num_groups: int, weight: Tensor | N
                                      "use backend='triton' or 'torch'")
         if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise BackendUnavailable(f"backend 'cpu' does not support dtype {x.dtype}")
-        if not _cpu_ext_ready():  # warned once inside load_cpu_ext
-            return _torch_path(x, num_groups, weight, bias, eps, activation, residual)
+        if not cpu_ext_ready():  # warned once inside load_cpu_ext
+            raise BackendUnavailable("the C++ CPU extension could not be built (see the "
+                                     "warning above); install g++ and ninja")
     elif backend == "triton":
         if not triton_available():
             raise BackendUnavailable("backend 'triton' needs the triton package: "

@@ -9,7 +9,10 @@ Inputs reaching these ops are already normalized by :func:`groupnorm.kernels.gro
 x dense in one of the two layouts, weight/bias in the op-math dtype (never None), residual in x's
 layout and dtype. Saved for backward: x, mean and rstd (op-math dtype, ``(N, G)``), weight and
 bias (``C`` values) and — only when an activation is fused after a residual add — the residual,
-because act'(z) needs z = GN(x)·w + b + r.
+because act'(z) needs z = GN(x)·w + b + r. The backward kernels are not differentiable: under
+``create_graph=True``, batched gradients or a dispatch mode the backward returns
+:func:`groupnorm.composite.group_norm_backward_composite` instead, which autograd can
+differentiate again (torch's second derivatives, never zero).
 """
 
 from __future__ import annotations
@@ -19,34 +22,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-ACT_CODES = {None: 0, "relu": 1, "silu": 2, "gelu": 3}
-
-
-def is_channels_last(x: Tensor) -> bool:
-    """True when x is dense channels-last (NHWC / NDHWC) and not also plain contiguous."""
-    if x.is_contiguous():
-        return False
-    if x.dim() == 4:
-        return x.is_contiguous(memory_format=torch.channels_last)
-    if x.dim() == 5:
-        return x.is_contiguous(memory_format=torch.channels_last_3d)
-    return False
-
-
-def dense_layout(x: Tensor) -> Tensor:
-    """x itself when it is dense contiguous or channels-last, else a contiguous copy."""
-    if x.is_contiguous() or is_channels_last(x):
-        return x
-    return x.contiguous()
-
-
-def strides_like(t: Tensor, x: Tensor) -> Tensor:
-    """t (x's shape) with exactly x's strides: itself, or a copy when they differ.
-
-    Two tensors dense in the same layout can still differ in the strides of size-1 dims (e.g.
-    a permuted (8, 1, H, W)); the kernels walk both with one set of strides.
-    """
-    return t if t.stride() == x.stride() else torch.empty_like(x).copy_(t)
+from groupnorm.activations import ACT_NAMES
+from groupnorm.composite import group_norm_backward_composite
+from groupnorm.layout import is_channels_last, strides_like
+from groupnorm.modes import backward_needs_composite
 
 
 def _fake_fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
@@ -62,19 +41,24 @@ def _fake_bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: Ten
     return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias), dz
 
 
-def _register(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> Callable:
-    """Define ``groupnorm::gn_{backend}_fwd/_bwd`` with fake and autograd kernels; return fwd."""
+def _register(backend: str) -> Callable:
+    """Define ``groupnorm::gn_{backend}_fwd/_bwd`` with fake and autograd kernels; return fwd.
+
+    The implementations are looked up in ``_IMPLS`` at each call (one table for the custom ops
+    and the eager Function; benchmarks/op_modes_table.py counts calls through it).
+    """
 
     @torch.library.custom_op(f"groupnorm::gn_{backend}_fwd", mutates_args=())
     def fwd(x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, num_groups: int,
             eps: float, act: int) -> tuple[Tensor, Tensor, Tensor]:
-        return fwd_impl(x, weight, bias, residual, num_groups, eps, act)
+        return _IMPLS[backend][0](x, weight, bias, residual, num_groups, eps, act)
 
     @torch.library.custom_op(f"groupnorm::gn_{backend}_bwd", mutates_args=())
     def bwd(dy: Tensor, x: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
             mean: Tensor, rstd: Tensor, num_groups: int, act: int,
             need_dz: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return bwd_impl(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need_dz)
+        return _IMPLS[backend][1](dy, x, weight, bias, residual, mean, rstd, num_groups, act,
+                                  need_dz)
 
     fwd.register_fake(_fake_fwd)
     bwd.register_fake(_fake_bwd)
@@ -82,7 +66,7 @@ def _register(backend: str, fwd_impl: Callable, bwd_impl: Callable) -> Callable:
     def setup_context(ctx, inputs, output) -> None:
         x, weight, bias, residual, num_groups, eps, act = inputs
         _, mean, rstd = output
-        ctx.num_groups, ctx.act = num_groups, act
+        ctx.num_groups, ctx.eps, ctx.act = num_groups, eps, act
         ctx.has_residual = residual is not None
         keep_res = residual if (residual is not None and act != 0) else None
         ctx.save_for_backward(x, weight, bias, keep_res, mean, rstd)
@@ -118,22 +102,32 @@ def _triton_bwd(dy, x, weight, bias, residual, mean, rstd, num_groups, act, need
 
 
 def _input_grads(ctx, dy: Tensor, bwd) -> tuple[Tensor | None, ...]:
-    """(dx, dw, db, dresidual) from the saved context; shared by the custom op and eager paths."""
+    """(dx, dw, db, dresidual) from the saved context; shared by the custom op and eager paths.
+
+    The kernels' backward is not differentiable and takes plain tensors, so under
+    ``create_graph=True``, batched gradients or a dispatch mode the same gradients come from
+    :func:`groupnorm.composite.group_norm_backward_composite` instead (recomputed from the saved
+    x, so that autograd can differentiate them again).
+    """
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-    need_dz = ctx.has_residual and ctx.act != 0 and ctx.needs_input_grad[3]
+    needs = tuple(ctx.needs_input_grad[:4])
+    if backward_needs_composite(dy):
+        return group_norm_backward_composite(dy, x, ctx.num_groups, weight, bias, ctx.eps,
+                                             ACT_NAMES[ctx.act], residual, needs)
+    need_dz = ctx.has_residual and ctx.act != 0 and needs[3]
     dx, dw, db, dz = bwd(dy, x, weight, bias, residual, mean, rstd, ctx.num_groups, ctx.act,
                          need_dz)
     dres = None
-    if ctx.has_residual and ctx.needs_input_grad[3]:
+    if ctx.has_residual and needs[3]:
         dres = dz if ctx.act != 0 else dy
-    return (dx if ctx.needs_input_grad[0] else None,
-            dw if ctx.needs_input_grad[1] else None,
-            db if ctx.needs_input_grad[2] else None,
+    return (dx if needs[0] else None,
+            dw if needs[1] else None,
+            db if needs[2] else None,
             dres)
 
 
-gn_cpu_fwd = _register("cpu", _cpu_fwd, _cpu_bwd)
-gn_triton_fwd = _register("triton", _triton_fwd, _triton_bwd)
+gn_cpu_fwd = _register("cpu")
+gn_triton_fwd = _register("triton")
 
 
 class _EagerGroupNorm(torch.autograd.Function):
@@ -147,7 +141,7 @@ class _EagerGroupNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, num_groups, eps, act, fwd_impl, bwd_impl):
         y, mean, rstd = fwd_impl(x, weight, bias, residual, num_groups, eps, act)
-        ctx.num_groups, ctx.act, ctx.bwd_impl = num_groups, act, bwd_impl
+        ctx.num_groups, ctx.eps, ctx.act, ctx.bwd_impl = num_groups, eps, act, bwd_impl
         ctx.has_residual = residual is not None
         keep_res = residual if (residual is not None and act != 0) else None
         ctx.save_for_backward(x, weight, bias, keep_res, mean, rstd)

@@ -1,7 +1,7 @@
 """Parity checks of a fast backend against the float64 oracle (used by the tests and the benchmark).
 
 :func:`parity_errors` runs y = act(GN(x)·w + b + r) and its backward on a backend and on
-:func:`groupnorm.reference.group_norm_reference` in float64 (same rounded inputs), and returns
+:func:`groupnorm.oracle.group_norm_reference` in float64 (same rounded inputs), and returns
 the worst error of y, dx, dw, db and dr, each divided by max(1, max|reference|).
 """
 
@@ -10,9 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from groupnorm.reference import group_norm_reference
-
-LAYOUTS = ("nchw", "nhwc")
+from groupnorm.oracle import group_norm_reference
 
 
 def make_input(shape: tuple[int, ...], layout: str, dtype: torch.dtype, device: str = "cpu",

@@ -4,9 +4,10 @@ Why these exist beside torch's classes:
 
 * The paper's batch-size study runs BN on 8 GPUs with n images each, statistics per GPU. On one
   process we reproduce that with *virtual workers*: ``virtual_batch = n`` makes a training-mode
-  forward compute the statistics per chunk of n samples (vectorized, no Python loop when n divides
-  the batch). Running statistics are updated once per step with the chunk averages, as if the
-  workers' buffers were averaged.
+  forward normalize each chunk of n samples with its own statistics, through aten's batch-norm
+  kernel (one call per chunk, written into one output). Running statistics are updated once per
+  step with the chunk averages, as if the workers' buffers were averaged.
+  :func:`per_chunk_batch_norm` is the same computation in plain tensor ops: the oracle.
 * ``BatchNorm`` accepts 2-5 D input (it is BatchNorm1d/2d/3d picked by the input rank at call
   time), so a model can take the norm kind as a plain string.
 * Batch Renormalization (Ioffe, 2017) is not in torch.
@@ -19,12 +20,15 @@ running_var, num_batches_tracked), so checkpoints move between the two.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BatchNorm", "BatchRenorm", "SyncBatchNorm", "set_virtual_batch", "uses_batch_stats"]
+__all__ = ["BatchNorm", "BatchRenorm", "SyncBatchNorm", "set_virtual_batch", "uses_batch_stats",
+           "worker_batch_norm", "per_chunk_batch_norm"]
 
 
 # dim -> the input ranks of torch's BatchNorm{dim}d: 1d takes (N, C) or (N, C, L)
@@ -46,6 +50,70 @@ def _check_rank(x: torch.Tensor, num_features: int, dim: int | None = None) -> N
             f"expected input with {num_features} channels (dim 1), got shape {tuple(x.shape)}")
 
 
+def _worker_sizes(n_total: int, n: int) -> list[int]:
+    """Samples per virtual worker: n each, the last one smaller when n does not divide the batch
+    (the last batch of an epoch)."""
+    if n <= 0:
+        raise ValueError(f"virtual batch must be a positive int, got {n}")
+    return [n] * (n_total // n) + ([n_total % n] if n_total % n else [])
+
+
+# normalize(x_part, mean_out, var_out) -> y_part: BN of one worker (see BatchNorm._normalize_worker)
+_Normalize = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _run_workers(x: torch.Tensor, n: int, normalize: _Normalize, stats_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split x into workers of n samples, normalize each, and collect their statistics.
+
+    One aten batch-norm call per worker, outputs concatenated: aten's forward and backward
+    kernels do the work, and only the split/cat bookkeeping is added to the autograd graph.
+    Folding the W workers into the channel dim of a single call would need a transposed copy of
+    x, y and both gradients (W and C are not adjacent in memory in either layout); it measured
+    slower (benchmarks/bench_bn.py). Returns (y, means, unbiased variances), one row per worker.
+    """
+    sizes = _worker_sizes(x.shape[0], n)
+    c = x.shape[1]
+    # Zeroed buffers that aten's running-statistics update with momentum 1 overwrites with the
+    # worker's mean and unbiased variance, exactly (1·s + 0·0); rows of one tensor, one alloc.
+    stats = torch.zeros((2, len(sizes), c), dtype=stats_dtype, device=x.device)
+    ys = [normalize(part, mean, var)
+          for part, mean, var in zip(x.split(sizes), stats[0], stats[1], strict=True)]
+    unbiased = stats[1]
+    if sizes[-1] == 1 and x[0].numel() == c:
+        # One value per channel: aten's unbiased variance is 0/0; the per-chunk formula's is 0.
+        # (A copy: autograd saved the buffers for the backward and checks their version.)
+        unbiased = unbiased.clone()
+        unbiased[-1] = 0.0
+    return (ys[0] if len(ys) == 1 else torch.cat(ys)), stats[0], unbiased
+
+
+def worker_batch_norm(x: torch.Tensor, n: int, weight: torch.Tensor | None = None,
+                      bias: torch.Tensor | None = None, eps: float = 1e-5
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BN of x (N, C, *spatial) on virtual workers of ``n`` samples through aten's kernels.
+
+    The function behind :class:`BatchNorm`'s ``virtual_batch``: each chunk of n samples (the
+    last one smaller when n does not divide N) is normalized with its own mean and biased
+    variance, then the affine. Returns ``(y, means, unbiased_vars)``, the last two of shape
+    (chunks, C). Same results as :func:`per_chunk_batch_norm` up to the reduction order of the
+    statistics (aten sums NCHW input sequentially in float64, channels-last input sequentially
+    in float32; see ARCHITECTURE.md).
+    """
+    if x.dim() < 2:
+        raise ValueError(f"expected input of shape (N, C, *spatial), got {tuple(x.shape)}")
+    if weight is not None:
+        dtype = weight.dtype
+    else:
+        dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+
+    def normalize(part: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        return torch.batch_norm(part, weight, bias, mean, var, True, 1.0, eps,
+                                torch.backends.cudnn.enabled)
+
+    return _run_workers(x, n, normalize, dtype)
+
+
 def _chunk_stats(x: torch.Tensor,
                  chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Per-chunk mean and biased variance in fp32: returns (xc, mean, var, count per chunk).
@@ -61,6 +129,40 @@ def _chunk_stats(x: torch.Tensor,
     mean = xf.mean(dim=(1, 3), keepdim=True)
     var = (xf - mean).pow(2).mean(dim=(1, 3), keepdim=True)  # two-pass, biased
     return xf, mean, var, chunk * xc.shape[-1]
+
+
+def per_chunk_batch_norm(x: torch.Tensor, n: int, weight: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None, eps: float = 1e-5
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BN with per-chunk statistics in plain tensor ops: the oracle for :class:`BatchNorm`'s
+    virtual workers (float64 in, float64 out) and the path it took before it called aten.
+
+    Splits x (N, C, *spatial) into chunks of ``n`` samples (the last one smaller when n does not
+    divide N), normalizes each with its own mean and biased variance (two-pass, fp32 for
+    fp16/bf16 input), applies the affine. Returns ``(y, means, unbiased_vars)``, the last two of
+    shape (chunks, C): what the running statistics average.
+    """
+    from ..layout import memory_format_of
+
+    c = x.shape[1]
+    shape = (1, 1, c, 1)
+
+    def chunked(part: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xf, mean, var, count = _chunk_stats(part, size)
+        y = (xf - mean) * torch.rsqrt(var + eps)
+        if weight is not None:
+            y = y * weight.reshape(shape)
+        if bias is not None:
+            y = y + bias.reshape(shape)
+        y = y.reshape(part.shape).to(part.dtype).contiguous(memory_format=memory_format_of(part))
+        unbiased = var * (count / max(count - 1, 1))
+        return y, mean.reshape(-1, c), unbiased.reshape(-1, c)
+
+    if x.shape[0] % n == 0:
+        return chunked(x, n)
+    parts = [chunked(p, p.shape[0]) for p in torch.split(x, n)]
+    return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            torch.cat([p[2] for p in parts]))
 
 
 class BatchNorm(_BatchNorm):
@@ -114,48 +216,41 @@ class BatchNorm(_BatchNorm):
             y = y + self.bias.reshape(shape)
         return y
 
-    def _update_running(self, stats: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    def _update_running(self, means: torch.Tensor, unbiased_vars: torch.Tensor) -> None:
         """Fold one step's batch statistics into the running buffers (and count the step once).
 
-        ``stats`` holds (mean, biased var, samples per channel) per group of chunks of equal
-        size; every chunk (worker) weighs the same, as if the workers' buffers were averaged.
+        ``means`` and ``unbiased_vars`` hold one row of C values per worker; every worker weighs
+        the same, as if the workers' buffers were averaged.
         """
         if not (self.training and self.track_running_stats):
             return
         factor = self._momentum()
-        c = self.num_features
         with torch.no_grad():
-            means = torch.cat([m.reshape(-1, c) for m, _, _ in stats])
-            unbiased = torch.cat([(v * (n / max(n - 1, 1))).reshape(-1, c) for _, v, n in stats])
             self.running_mean.lerp_(means.mean(0).to(self.running_mean.dtype), factor)
-            self.running_var.lerp_(unbiased.mean(0).to(self.running_var.dtype), factor)
+            self.running_var.lerp_(unbiased_vars.mean(0).to(self.running_var.dtype), factor)
 
-    def _normalize_chunks(self, xf: torch.Tensor, mean: torch.Tensor,
-                          var: torch.Tensor) -> torch.Tensor:
-        """Normalize (W, n, C, L) chunks with their own statistics; Batch Renorm overrides."""
-        return (xf - mean) * torch.rsqrt(var + self.eps)
+    def _stats_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """dtype of the per-worker statistics: the parameters' (aten's mixed-precision rule), fp32
+        for fp16/bf16 input without parameters, else the input's."""
+        if self.weight is not None:
+            return self.weight.dtype
+        if self.running_mean is not None:
+            return self.running_mean.dtype
+        return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
-    def _chunked(self, x: torch.Tensor, chunk: int
-                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]:
-        """Normalize x in chunks of ``chunk`` samples, each with its own statistics; returns y and
-        the statistics (not yet folded into the running buffers)."""
-        from ..reference import memory_format_of
-
-        xf, mean, var, count = _chunk_stats(x, chunk)
-        y = self._affine(self._normalize_chunks(xf, mean, var), (1, 1, self.num_features, 1))
-        y = y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format_of(x))
-        return y, (mean, var, count)
+    def _normalize_worker(self, x: torch.Tensor, mean_out: torch.Tensor,
+                          var_out: torch.Tensor) -> torch.Tensor:
+        """BN of one worker's samples by aten's kernel (see :func:`_run_workers` for the
+        buffers); Batch Renorm overrides."""
+        return torch.batch_norm(x, self.weight, self.bias, mean_out, var_out, True, 1.0, self.eps,
+                                torch.backends.cudnn.enabled)
 
     def _forward_workers(self, x: torch.Tensor, n: int) -> torch.Tensor:
         """BN on ceil(N / n) workers of n samples (the last one smaller when n does not divide
         N, as in the last batch of an epoch); the running statistics are updated once."""
-        if x.shape[0] % n == 0:
-            y, stats = self._chunked(x, n)
-            self._update_running([stats])
-            return y
-        parts = [self._chunked(p, p.shape[0]) for p in torch.split(x, n)]
-        self._update_running([stats for _, stats in parts])
-        return torch.cat([y for y, _ in parts])
+        y, means, unbiased = _run_workers(x, n, self._normalize_worker, self._stats_dtype(x))
+        self._update_running(means, unbiased)
+        return y
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -220,16 +315,24 @@ class BatchRenorm(BatchNorm):
 
         return ramp(self.r_max, 1.0, self.r_max_steps), ramp(self.d_max, 0.0, self.d_max_steps)
 
-    def _normalize_chunks(self, xf: torch.Tensor, mean: torch.Tensor,
-                          var: torch.Tensor) -> torch.Tensor:
+    def _normalize_worker(self, x: torch.Tensor, mean_out: torch.Tensor,
+                          var_out: torch.Tensor) -> torch.Tensor:
+        """x̂ of one worker by aten's kernel (the gradient flows through its statistics, as in
+        BN), then x̂·r + d and the affine as one per-channel scale and shift."""
         r_max, d_max = self._limits
-        std = torch.sqrt(var + self.eps)
+        xhat, mean, invstd = torch.native_batch_norm(x, None, None, mean_out, var_out, True, 1.0,
+                                                     self.eps)
         with torch.no_grad():
-            running_std = torch.sqrt(self.running_var.float() + self.eps).reshape(mean.shape[1:])
-            r = (std / running_std).clamp(1.0 / r_max, r_max)
-            d = ((mean - self.running_mean.float().reshape(mean.shape[1:])) / running_std).clamp(
-                -d_max, d_max)
-        return (xf - mean) / std * r + d
+            running_std = torch.sqrt(self.running_var.float() + self.eps)
+            r = (1.0 / (invstd.float() * running_std)).clamp(1.0 / r_max, r_max)
+            d = ((mean.float() - self.running_mean.float()) / running_std).clamp(-d_max, d_max)
+        scale, shift = r, d
+        if self.weight is not None:
+            scale, shift = scale * self.weight, shift * self.weight
+        if self.bias is not None:
+            shift = shift + self.bias
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.reshape(shape), xhat, scale.reshape(shape)).to(x.dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
@@ -295,7 +398,7 @@ class SyncBatchNorm(BatchNorm):
         self._check_input_dim(input)
         if not self._use_batch_stats() or self._world() == 1:
             return super().forward(input)
-        from ..reference import memory_format_of
+        from ..layout import memory_format_of
 
         c = self.num_features
         xf = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
@@ -309,16 +412,41 @@ class SyncBatchNorm(BatchNorm):
         var = sq / count.to(sq.dtype)
         shape = (1, c) + (1,) * (input.dim() - 2)
         y = (xf - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
-        self._update_running([(mean.detach(), var.detach(), int(count.item()))])
+        n = int(count.item())
+        unbiased = var.detach() * (n / max(n - 1, 1))
+        self._update_running(mean.detach()[None], unbiased[None])
         y = self._affine(y, shape)
         return y.to(input.dtype).contiguous(memory_format=memory_format_of(input))
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
-        """Replace every BatchNorm in ``module`` by this class (like torch's classmethod)."""
-        from .convert import convert_norms
+        """Replace every BatchNorm in ``module`` by this class (like torch's classmethod).
 
-        return convert_norms(module, to="syncbn", process_group=process_group)
+        torch's BatchNorm1d/2d/3d/SyncBatchNorm and this package's :class:`BatchNorm` become
+        ``cls`` with their γ, β, running statistics, step count and options; Batch Renorm and
+        other norms stay. Children are replaced in place; when ``module`` itself is a BN the new
+        layer is returned, so always use the return value.
+        """
+        if isinstance(module, _BatchNorm) and not isinstance(module, cls | BatchRenorm):
+            new = cls(module.num_features, module.eps, module.momentum, module.affine,
+                      module.track_running_stats, process_group=process_group,
+                      virtual_batch=getattr(module, "virtual_batch", None),
+                      dim=getattr(module, "dim", None))
+            ref = module.weight if module.weight is not None else module.running_mean
+            if ref is not None:
+                new = new.to(device=ref.device, dtype=ref.dtype)
+            with torch.no_grad():
+                for name in ("weight", "bias", "running_mean", "running_var",
+                             "num_batches_tracked"):
+                    src, dst = getattr(module, name, None), getattr(new, name, None)
+                    if src is not None and dst is not None:
+                        dst.copy_(src)
+            return new.train(module.training)
+        for name, child in list(module.named_children()):
+            new_child = cls.convert_sync_batchnorm(child, process_group)
+            if new_child is not child:
+                setattr(module, name, new_child)
+        return module
 
 
 def uses_batch_stats(module: nn.Module) -> bool:

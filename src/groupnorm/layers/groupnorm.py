@@ -7,13 +7,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional import BACKENDS, group_norm, resolve_num_groups
-from ..reference import ACTIVATIONS
+from ..activations import ACTIVATIONS
+from ..functional import BACKENDS, _check_eps, _positive_int, group_norm, resolve_num_groups
 
 __all__ = ["GroupNorm"]
 
 
-class GroupNorm(nn.Module):
+class GroupNorm(nn.GroupNorm):
     r"""Applies Group Normalization over a mini-batch of inputs.
 
     As described in `Group Normalization <https://arxiv.org/abs/1803.08494>`__ (Wu & He, 2018):
@@ -31,8 +31,11 @@ class GroupNorm(nn.Module):
     in training and evaluation mode alike, so the layer does not depend on the batch size. They
     are computed in fp32 for fp16/bf16 input.
 
-    The parameters and state_dict are those of :class:`torch.nn.GroupNorm` (``weight``,
-    ``bias``), so a state_dict loads both ways and outputs match.
+    A subclass of :class:`torch.nn.GroupNorm`: ``isinstance`` checks, the attributes, the
+    parameters and state_dict (``weight``, ``bias``) and ``extra_repr`` are torch's, so a
+    state_dict loads both ways, outputs match, and tools that look for GN layers (weight-decay
+    exclusion, per-sample-gradient validators, FX passes) find it. Under ``torch.fx``
+    symbolic tracing the call is recorded as one ``groupnorm.group_norm`` node.
 
     Args:
         num_groups: number of groups to separate the channels into (``None`` with ``group_size``).
@@ -63,12 +66,6 @@ class GroupNorm(nn.Module):
         >>> output = m(input)
     """
 
-    __constants__ = ["num_groups", "num_channels", "eps", "affine"]
-    num_groups: int
-    num_channels: int
-    eps: float
-    affine: bool
-
     def __init__(
         self,
         num_groups: int | None,
@@ -83,40 +80,21 @@ class GroupNorm(nn.Module):
         device: Any = None,
         dtype: Any = None,
     ) -> None:
-        super().__init__()
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels <= 0:
-            raise ValueError(f"num_channels must be a positive int, got {num_channels!r}")
+        num_channels = _positive_int("num_channels", num_channels)
         if activation is not None and activation not in ACTIVATIONS:
             raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        self.num_groups = resolve_num_groups(num_channels, num_groups, group_size)
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
+        num_groups = resolve_num_groups(num_channels, num_groups, group_size)
+        super().__init__(num_groups, num_channels, _check_eps(eps), affine, bias=bias,
+                         device=device, dtype=dtype)
         self.activation = activation
         self.backend = backend
-        factory_kwargs = {"device": device, "dtype": dtype}
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            if bias:
-                self.bias = nn.Parameter(torch.empty(num_channels, **factory_kwargs))
-            else:
-                self.register_parameter("bias", None)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """γ = 1, β = 0 (as torch.nn.GroupNorm)."""
-        if self.affine:
-            nn.init.ones_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if input.dim() >= 2 and input.shape[1] != self.num_channels:
+        """y = act(GN(input)·γ + β + residual) on the layer's backend."""
+        if (not isinstance(input, torch.fx.Proxy) and input.dim() >= 2
+                and input.shape[1] != self.num_channels):
             raise ValueError(
                 f"expected input with {self.num_channels} channels (dim 1), got shape "
                 f"{tuple(input.shape)}")
@@ -124,8 +102,8 @@ class GroupNorm(nn.Module):
                           activation=self.activation, residual=residual, backend=self.backend)
 
     def extra_repr(self) -> str:
-        s = "{num_groups}, {num_channels}, eps={eps}, affine={affine}, bias={use_bias}".format(
-            **self.__dict__, use_bias=self.bias is not None)
+        """torch.nn.GroupNorm's, plus the activation and backend when they are not defaults."""
+        s = super().extra_repr()
         if self.activation is not None:
             s += f", activation={self.activation!r}"
         if self.backend != "auto":

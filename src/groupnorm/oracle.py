@@ -10,25 +10,11 @@ get the reference that tolerances are measured against.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["group_norm_reference", "apply_activation", "ACTIVATIONS"]
+from .activations import apply_activation
+from .layout import memory_format_of
 
-#: Activations the fused variants support: y = act(GN(x)·γ + β + residual).
-ACTIVATIONS = ("relu", "silu", "gelu")
-
-
-def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """Apply one of :data:`ACTIVATIONS` (or none) — exact-erf GELU, as torch's default."""
-    if activation is None:
-        return y
-    if activation == "relu":
-        return F.relu(y)
-    if activation == "silu":
-        return F.silu(y)
-    if activation == "gelu":
-        return F.gelu(y)
-    raise ValueError(f"activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+__all__ = ["group_norm_reference"]
 
 
 def group_norm_reference(
@@ -61,13 +47,3 @@ def group_norm_reference(
     y = apply_activation(y, activation)
     return y.to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format x is laid out in (channels_last / channels_last_3d / contiguous)."""
-    if (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last)):
-        return torch.channels_last
-    if (x.dim() == 5 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last_3d)):
-        return torch.channels_last_3d
-    return torch.contiguous_format
