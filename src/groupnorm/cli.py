@@ -329,8 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "next to the paper's claims. `quick`: BN vs GN over batch sizes on real "
                     "Fashion-MNIST, about 10 minutes on 2 CPU cores. `full`: every study "
                     "(batch size, norms, groups, batch renorm, weight standardization, "
-                    "fine-tuning, video), resumable after an interruption. Rerunning continues where "
-                    "it stopped.",
+                    "fine-tuning, video), resumable after an interruption. Rerunning "
+                    "continues where it stopped.",
         epilog="examples:\n"
                "  groupnorm reproduce                       # = --preset quick\n"
                "  groupnorm reproduce --preset full --device cuda\n"
