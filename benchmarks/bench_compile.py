@@ -329,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "relu": "fused" if args.fuse_relu else "separate",
                                              **row})
                     sys.stdout.flush()
+                    if writer:
+                        f.flush()  # a long run killed midway keeps its finished cases
     if writer:
         f.close()
     return 0
