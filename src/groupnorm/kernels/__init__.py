@@ -27,7 +27,7 @@ from groupnorm.kernels.ops import run_backend
 from groupnorm.layout import dense_layout, is_channels_last, strides_like
 
 __all__ = ["BackendUnavailable", "auto_backend", "group_norm_fast", "triton_available",
-           "cpu_ext_ready", "CPU_AUTO_TABLE", "CUDA_AUTO_TABLE"]
+           "cpu_ext_ready", "CPU_AUTO_TABLE", "CPU_COMPILE_TABLE", "CUDA_AUTO_TABLE"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -109,9 +109,27 @@ CUDA_AUTO_TABLE: dict[tuple[bool, bool, bool], tuple[int, int] | None] = {
 }
 
 
+# backend="auto" under torch.compile on the CPU, per CPU_AUTO_TABLE key: "torch" (aten's
+# group_norm, which inductor decomposes — torch's own lowering of native_group_norm and of its
+# backward — and fuses with the neighbouring ReLU / max-pool / residual add) or "cpu" (the C++
+# kernels as opaque custom ops). Read while dynamo traces, so the choice is baked into the
+# graph. Chosen by benchmarks/bench_compile.py (BENCHMARKS.md, "Compiled models", 2026-11-30,
+# 1 thread): on SimpleNetV2 and ResNet-20 training steps and inference, NCHW and channels-last,
+# GN+ReLU separate and fused, "torch" was the fastest compiled way or tied with it in every case,
+# the opaque C++ op never ahead beyond the noise, and 0.65-0.76x of eager where a ReLU and a
+# max-pool follow GN (opacity stops inductor fusing them with GN's elementwise pass; aten's own
+# kernels wrapped as an opaque op lost the same way).
+CPU_COMPILE_TABLE: dict[tuple[bool, bool, bool], str] = {key: "torch" for key in CPU_AUTO_TABLE}
+
+
 def auto_backend(x: Tensor, num_groups: int, activation: str | None,
                  residual: Tensor | None) -> str:
-    """The backend ``backend="auto"`` uses for this input: "triton", "cpu" or "torch"."""
+    """The backend ``backend="auto"`` uses for this input: "triton", "cpu" or "torch".
+
+    Eager calls follow ``CPU_AUTO_TABLE`` / ``CUDA_AUTO_TABLE``; on the CPU under
+    ``torch.compile`` the choice is ``CPU_COMPILE_TABLE``'s, measured on compiled models, where
+    what wins is not what wins in eager mode.
+    """
     if x.dim() < 2 or x.numel() == 0:
         return "torch"
     training = torch.is_grad_enabled() and x.requires_grad
@@ -123,6 +141,10 @@ def auto_backend(x: Tensor, num_groups: int, activation: str | None,
         return "triton" if ok else "torch"
     if x.device.type != "cpu" or x.dtype not in CPU_AUTO_DTYPES:
         return "torch"
+    if torch.compiler.is_compiling():
+        # read while dynamo traces: the choice is baked into the graph (guarded on the entry)
+        choice = CPU_COMPILE_TABLE[key]
+        return "cpu" if choice == "cpu" and cpu_ext_ready() else "torch"
     span = CPU_AUTO_TABLE[key]
     if span is None or not span[0] <= x.numel() < span[1] or not cpu_ext_ready():
         return "torch"
