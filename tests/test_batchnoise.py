@@ -344,3 +344,20 @@ def test_batch_noise_command_refuses_bad_input_before_training(tmp_path, capsys,
     assert e.value.code == 2
     assert re.search(message, capsys.readouterr().err)
     assert not out.exists()
+
+
+def test_committed_batch_noise_summary_matches_its_csv_and_database():
+    """results/batch-noise/batch_noise.md (its numbers, table and penalty line) is what the
+    committed batch_noise*.csv and runs.db give."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "results" / "batch-noise"
+    if not (root / "batch_noise.md").exists():
+        pytest.skip("results/batch-noise is not in this checkout")
+    rows = B.read_csv(root / "batch_noise.csv")
+    evals = B.read_csv(root / "batch_noise_eval.csv")
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    pens = {ds: B.bn_penalty([root / "runs.db"], ds) for ds in datasets}
+    md = B.markdown(rows, pens, {}, evals=evals)
+    committed = (root / "batch_noise.md").read_text(encoding="utf-8")
+    assert B.summary_text(md) == B.summary_text(committed)

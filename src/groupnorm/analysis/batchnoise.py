@@ -552,6 +552,27 @@ def figure(rows: list[dict[str, Any]], penalties: dict[str, Penalty | None], *,
     return fig
 
 
+def read_csv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV that csv_text wrote, with numbers as int or float again (to rebuild the
+    summary from the committed files)."""
+    def value(text: str) -> Any:
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{k: value(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def summary_text(md: str) -> str:
+    """The part of batch_noise.md that follows from the data alone (everything before "What
+    ran", which names the command, the date and the code version)."""
+    return md.split("\n## What ran")[0]
+
+
 def csv_text(rows: list[dict[str, Any]], fields: Sequence[str] = CSV_FIELDS) -> str:
     """The rows as CSV (floats to 6 significant digits, so the same data gives the same file)."""
     buf = io.StringIO()
