@@ -248,7 +248,7 @@ def test_figure_draws_both_datasets_per_layer_vs_n_and_their_penalties():
              for n in (0, 2, 8, 32)]
     fig = B.figure(_rows(), pens, evals=evals, subtitle="resnet20 width 8")
     a_mean, a_var, a_n, a_eval, a_pen = fig.axes
-    assert "Why the data decides" in fig._suptitle.get_text()
+    assert "Does the data decide BN's small-batch penalty?" in fig._suptitle.get_text()
     labels = [ln.get_label() for ln in a_mean.get_lines()]
     assert labels == ["CIFAR-10 (JPEG q75), trained", "CIFAR-10 (JPEG q75), at init",
                       "Fashion-MNIST, trained", "Fashion-MNIST, at init"]

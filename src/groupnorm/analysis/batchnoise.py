@@ -545,8 +545,9 @@ def figure(rows: list[dict[str, Any]], penalties: dict[str, Penalty | None], *,
                     fontsize=10)
     a_pen.legend(fontsize=8, loc="upper right")
     a_pen.grid(alpha=0.3, axis="y")
-    fig.suptitle("Why the data decides: how far the statistics of n images stray from the "
-                 "population's, per BN layer, and what it costs"
+    # a question, not "why": whether the noise explains a dataset's penalty is what is measured
+    fig.suptitle("Does the data decide BN's small-batch penalty? How far the statistics of n "
+                 "images stray from the population's, per BN layer, and what it costs"
                  + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
     fig.tight_layout()
     return fig
@@ -589,7 +590,8 @@ def markdown(rows: list[dict[str, Any]], penalties: dict[str, Penalty | None],
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     sizes = sorted({r["n"] for r in rows})
     lo, hi = sizes[0], sizes[-1]
-    lines = ["# Why the data decides: batch-statistics noise per BN layer", ""]
+    lines = ["# Does the data decide? Batch-statistics noise per BN layer, beside BN's penalty",
+             ""]
     layers = {ds: sorted({r["layer"] for r in rows if r["dataset"] == ds}) for ds in datasets}
 
     def at(ds: str, state: str, n: int, layer: int, field: str = "mean_error") -> float:
