@@ -310,6 +310,7 @@ def test_batch_noise_command_trains_measures_and_writes(tmp_path, capsys):
     assert (out / "batch_noise.png").stat().st_size > 10_000
     md = (out / "batch_noise.md").read_text()
     assert "groupnorm batch-noise --dataset synthetic" in md
+    assert (out / "batch_noise_meta.json").exists()  # what --replot reads
     ckpt = out / "runs" / "synthetic" / "checkpoint.pt"
     stamp = ckpt.stat().st_mtime_ns
     assert main(args) == 0  # reused, not retrained
@@ -361,3 +362,32 @@ def test_committed_batch_noise_summary_matches_its_csv_and_database():
     md = B.markdown(rows, pens, {}, evals=evals)
     committed = (root / "batch_noise.md").read_text(encoding="utf-8")
     assert B.summary_text(md) == B.summary_text(committed)
+
+
+def test_replot_redraws_from_the_measurement_and_a_database_that_gained_runs(tmp_path, capsys):
+    """--replot: the figure and summary from the folder's CSVs and the databases alone, so a
+    penalty that gained seeds shows without measuring again; a folder never measured is
+    refused with the fix."""
+    import json
+
+    from test_report_figures import _batch_runs, fake_db
+
+    out = tmp_path / "noise"
+    out.mkdir()
+    (out / "batch_noise.csv").write_text(B.csv_text(_rows()), encoding="utf-8")
+    evals = [{"dataset": ds, "n": n, "val_error": 20.0 + n, "images": 100}
+             for ds in ("cifar10-jpeg", "fashion-mnist") for n in (0, 2, 32)]
+    (out / "batch_noise_eval.csv").write_text(B.csv_text(evals, B.EVAL_FIELDS), encoding="utf-8")
+    (out / "batch_noise_meta.json").write_text(json.dumps(
+        {"command": "groupnorm batch-noise ...", "population": 64, "models": []}))
+    db = fake_db(tmp_path / "r.db", [("b", "batch", _batch_runs(
+        "cifar10-jpeg", [0, 1], {2: 40.0, 32: 36.0}, {2: 38.0, 32: 38.0}))])
+    assert main(["batch-noise", "--replot", "--db", str(db), "-o", str(out)]) == 0
+    md = (out / "batch_noise.md").read_text()
+    assert "| CIFAR-10 (JPEG q75) | trained | 0.212 | 0.053 | 0.318 | 0.080 | +4.0 ± 0.0 (2 " \
+           "seeds) |" in md
+    assert "BN penalty on Fashion-MNIST: no database" in md
+    assert (out / "batch_noise.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["batch-noise", "--replot", "-o", str(tmp_path / "never")])
+    assert "batch_noise.csv" in capsys.readouterr().err

@@ -174,6 +174,12 @@ def cmd_batch_noise(args: argparse.Namespace) -> int:
     from groupnorm.analysis import batchnoise
     from groupnorm.experiments.config import ConfigError, parse_assignment
 
+    if args.replot:
+        if args.run or args.dataset:
+            raise ConfigError("--replot redraws a measured folder; it takes no --run/--dataset")
+        paths = batchnoise.render(args.out, args.db)
+        print(f"wrote {paths['png']}, {paths['md']} (from {paths['csv']} and the databases)")
+        return 0
     if not args.run and not args.dataset:
         raise ConfigError("name the models to measure: --run FOLDER (a `groupnorm train "
                           "--keep-checkpoint` run) or --dataset NAME (train one here), or both")
@@ -415,11 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "batches of (mu_B - mu)/sigma and (var_B - var)/var, averaged over "
                     "channels), for each n of --sizes, on each dataset; set it beside each "
                     "dataset's BN penalty (error at n=2 minus n=32) from the --db databases. "
-                    "Writes batch_noise.csv, batch_noise.png and batch_noise.md to -o. Models "
-                    "come from run folders (--run) or are trained here through the harness "
-                    "(--dataset, --train-epochs; default resnet20 width 8, BN, n=32, W=4, "
-                    "10000 images; --set changes it) into <out>/runs/<dataset>, reused when "
-                    "run again.",
+                    "Writes batch_noise.csv, batch_noise_eval.csv, batch_noise_meta.json, "
+                    "batch_noise.png and batch_noise.md to -o (--replot redraws the last "
+                    "two). Models come from run folders (--run) or are trained here through "
+                    "the harness (--dataset, --train-epochs; default resnet20 width 8, BN, "
+                    "n=32, W=4, 10000 images; --set changes it) into <out>/runs/<dataset>, "
+                    "reused when run again.",
         epilog="examples:\n"
                "  groupnorm batch-noise --dataset cifar10-jpeg --dataset fashion-mnist "
                "--train-epochs 6 \\\n"
@@ -448,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at least this many batches per n (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the population and batches")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the figure and summary of -o from its CSVs and --db, without "
+                        "measuring (after the databases gained runs)")
     p.add_argument("-o", "--out", required=True, help="output folder")
 
     sub.add_parser(

@@ -764,21 +764,43 @@ def run_batch_noise(run_dirs: Sequence[str | Path], out: str | Path, *,
             models.append(_model_record(cfg, folder, summary))
     finally:
         bar.close()
+    meta = {"command": command, "code_version": runtime.code_version(),
+            "torch_version": torch.__version__, "device": runtime.device_description("cpu"),
+            "date": runtime.utc_now(), "population": population_size, "draws": draws,
+            "seed": seed, "models": models}
+    (out / "batch_noise.csv").write_text(csv_text(rows), encoding="utf-8")
+    (out / "batch_noise_eval.csv").write_text(csv_text(evals, EVAL_FIELDS), encoding="utf-8")
+    (out / "batch_noise_meta.json").write_text(json.dumps(meta, indent=2) + "\n",
+                                               encoding="utf-8")
+    return render(out, dbs)
+
+
+def render(out: str | Path, dbs: Sequence[str | Path] = ()) -> dict[str, Path]:
+    """Draw batch_noise.png and write batch_noise.md from a folder's measurement
+    (batch_noise.csv, batch_noise_eval.csv, batch_noise_meta.json) and each dataset's BN penalty
+    in `dbs`: cheap, so a figure follows a database that gained runs without measuring again
+    (`groupnorm batch-noise --replot DIR`)."""
+    from groupnorm.experiments.config import ConfigError
+
+    out = Path(out)
+    paths = {"csv": out / "batch_noise.csv", "eval_csv": out / "batch_noise_eval.csv",
+             "meta": out / "batch_noise_meta.json", "png": out / "batch_noise.png",
+             "md": out / "batch_noise.md"}
+    missing = [str(paths[k]) for k in ("csv", "eval_csv", "meta") if not paths[k].is_file()]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found: measure first with `groupnorm "
+                          f"batch-noise --run FOLDER ... -o {out}`")
+    check_request([2], 2, 1, (), dbs)  # the databases exist
+    rows, evals = read_csv(paths["csv"]), read_csv(paths["eval_csv"])
+    meta = json.loads(paths["meta"].read_text(encoding="utf-8"))
+    models = meta.get("models", [])
     penalties = {ds: bn_penalty(dbs, ds) for ds in dict.fromkeys(r["dataset"] for r in rows)}
     first = models[0]["setup"].split(" with ")[0] if models else ""
     same_net = len({m["setup"].split(" on ")[0] for m in models}) == 1
     subtitle = ((f"{first} with BN on every dataset" if same_net else "models differ per "
                  "dataset (see batch_noise.md)")
-                + f"; trained (solid) and at init (dashed); population: {population_size} "
-                "training images")
-    meta = {"command": command, "code_version": runtime.code_version(),
-            "torch_version": torch.__version__, "device": runtime.device_description("cpu"),
-            "date": runtime.utc_now(), "population": population_size, "draws": draws,
-            "seed": seed, "models": models}
-    paths = {"csv": out / "batch_noise.csv", "eval_csv": out / "batch_noise_eval.csv",
-             "png": out / "batch_noise.png", "md": out / "batch_noise.md"}
-    paths["csv"].write_text(csv_text(rows), encoding="utf-8")
-    paths["eval_csv"].write_text(csv_text(evals, EVAL_FIELDS), encoding="utf-8")
+                + f"; trained (solid) and at init (dashed); population: "
+                f"{meta.get('population')} training images")
     fig = figure(rows, penalties, evals=evals, subtitle=subtitle)
     fig.savefig(paths["png"], dpi=110, metadata={"Software": None})
     import matplotlib.pyplot as plt
