@@ -529,7 +529,9 @@ def figure(rows: list[dict[str, Any]], penalties: dict[str, Penalty | None], *,
         h = bar.get_height()
         a_pen.annotate(note, (bar.get_x() + bar.get_width() / 2, h + (err if h >= 0 else -err)),
                        xytext=(0, 4 if h >= 0 else -4), textcoords="offset points",
-                       ha="center", va="bottom" if h >= 0 else "top", fontsize=8)
+                       ha="center", va="bottom" if h >= 0 else "top", fontsize=8,
+                       # legible where it crosses the paper's dotted line
+                       bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85, "pad": 1})
     top = max([11.1, *(v + e for v, e in zip(vals, errs, strict=True))])
     bottom = min([0.0, *(v - e for v, e in zip(vals, errs, strict=True))])
     a_pen.set_ylim(bottom - 0.12 * (top - bottom), top + 0.12 * (top - bottom))
