@@ -15,7 +15,7 @@ import pytest
 import groupnorm
 from groupnorm.cli import build_parser, main
 
-COMMANDS = ["train", "sweep", "report", "reproduce", "demo"]
+COMMANDS = ["train", "sweep", "report", "reproduce", "demo", "batch-noise"]
 TINY = ["--dataset", "synthetic", "--set", "dataset_options.n=128",
         "--set", "dataset_options.image_size=16", "--set", "dataset_options.channels=1",
         "--set", "dataset_options.num_classes=4", "--set", "val_size=32",

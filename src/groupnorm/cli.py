@@ -1,4 +1,4 @@
-"""`groupnorm` command line: train, sweep, report, reproduce, export-db, bench, demo.
+"""`groupnorm` command line: train, sweep, report, reproduce, export-db, batch-noise, bench, demo.
 
 Every command resolves a TrainConfig the same way: preset defaults (TOML) < `--set key=value`
 overrides < the common flags (--norm, --batch-size, ...), checked before anything runs. The
@@ -166,6 +166,59 @@ def cmd_export_db(args: argparse.Namespace) -> int:
         dest = store.export(args.dest)
         counts = store.counts()
     print(f"wrote {dest} ({', '.join(f'{v} {k}' for k, v in counts.items() if v) or 'no runs'})")
+    return 0
+
+
+def cmd_batch_noise(args: argparse.Namespace) -> int:
+    """Batch-statistics noise per BN layer on each dataset, beside BN's penalty there."""
+    from groupnorm.analysis import batchnoise
+    from groupnorm.experiments.config import ConfigError, parse_assignment
+
+    if args.replot:
+        if args.run or args.dataset:
+            raise ConfigError("--replot redraws a measured folder; it takes no --run/--dataset")
+        paths = batchnoise.render(args.out, args.db)
+        print(f"wrote {paths['png']}, {paths['md']} (from {paths['csv']} and the databases)")
+        return 0
+    if not args.run and not args.dataset:
+        raise ConfigError("name the models to measure: --run FOLDER (a `groupnorm train "
+                          "--keep-checkpoint` run) or --dataset NAME (train one here), or both")
+    if args.train_epochs is not None and not args.dataset:
+        raise ConfigError("--train-epochs trains the models of --dataset; give --dataset NAME")
+    try:
+        sizes = [int(v) for v in args.sizes.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sizes {args.sizes!r}: must be integers separated by commas, "
+                          "e.g. 2,4,8,16,32") from None
+    overrides = {}
+    for text in args.overrides:
+        key, values = parse_assignment(text)
+        if len(values) != 1:
+            raise ConfigError(f"--set {text}: one value per field here")
+        overrides[key] = values[0]
+    if args.train_epochs is not None and args.train_epochs < 1:
+        raise ConfigError(f"--train-epochs {args.train_epochs}: must be >= 1")
+    # everything named is checked before any model is trained
+    batchnoise.check_request(sizes, args.population, args.draws, args.run, args.db)
+    out = Path(args.out)
+    runs = [Path(r) for r in args.run]
+    epochs = args.train_epochs or batchnoise.TRAIN_DEFAULTS["epochs"]
+    cfgs = [batchnoise.train_config(name, epochs, overrides, progress=not args.no_progress)
+            for name in args.dataset]
+    for cfg in cfgs:
+        if cfg.train_size is not None and args.population > cfg.train_size:
+            raise ConfigError(f"--population {args.population} exceeds the {cfg.train_size} "
+                              f"training images of the {cfg.dataset} model (train_size); lower "
+                              "it or --set train_size=N")
+    for cfg in cfgs:
+        print(f"BN model on {cfg.dataset}: {out / 'runs' / cfg.dataset}")
+        runs.append(batchnoise.train_run(cfg, out / "runs" / cfg.dataset))
+    paths = batchnoise.run_batch_noise(runs, out, dbs=args.db, sizes=sizes,
+                                       population_size=args.population, draws=args.draws,
+                                       seed=args.seed, progress=not args.no_progress,
+                                       command="groupnorm " + " ".join(args.argv))
+    print(paths["md"].read_text(encoding="utf-8").split("\n## What ran")[0].rstrip())
+    print(f"wrote {paths['csv']}, {paths['png']}, {paths['md']}")
     return 0
 
 
@@ -359,6 +412,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("db", help="results database")
     p.add_argument("dest", help="the copy to write (must not exist)")
 
+    p = sub.add_parser(
+        "batch-noise", formatter_class=FORMATTER, parents=[common],
+        help="how far n-image BN statistics stray from the population's, per layer and dataset",
+        description="Beyond the paper: for a trained BN model and the same model at its "
+                    "initialization, measure per BN layer how far the per-channel mean and "
+                    "variance of n-image batches stray from the population's (RMS over "
+                    "batches of (mu_B - mu)/sigma and (var_B - var)/var, averaged over "
+                    "channels), for each n of --sizes, on each dataset; set it beside each "
+                    "dataset's BN penalty (error at n=2 minus n=32) from the --db databases. "
+                    "Writes batch_noise.csv, batch_noise_eval.csv, batch_noise_meta.json, "
+                    "batch_noise.png and batch_noise.md to -o (--replot redraws the last "
+                    "two). Models come from run folders (--run) or are trained here through "
+                    "the harness (--dataset, --train-epochs; default resnet20 width 8, BN, "
+                    "n=32, W=4, 10000 images; --set changes it) into <out>/runs/<dataset>, "
+                    "reused when run again.",
+        epilog="examples:\n"
+               "  groupnorm batch-noise --dataset cifar10-jpeg --dataset fashion-mnist "
+               "--train-epochs 6 \\\n"
+               "      --db results/batch-noise/runs.db -o results/batch-noise\n"
+               "  groupnorm train --dataset fashion-mnist --norm bn --keep-checkpoint --out "
+               "runs/fm\n"
+               "  groupnorm batch-noise --run runs/fm --db results/quick/runs.db -o runs/noise",
+    )
+    p.add_argument("--run", action="append", default=[],
+                   help="run folder of a BN model with its kept checkpoint (repeatable, one "
+                        "per dataset)")
+    p.add_argument("--dataset", action="append", default=[],
+                   help="train a BN model on this dataset first (repeatable)")
+    p.add_argument("--train-epochs", type=int,
+                   help="epochs of each model trained for --dataset (default 6, "
+                        "groupnorm.analysis.batchnoise.TRAIN_DEFAULTS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the trained models' config (model=simplenetv2, ...)")
+    p.add_argument("--db", action="append", default=[],
+                   help="results database to take each dataset's BN penalty from (repeatable; "
+                        "the first with a BN batch-size study on the dataset is used)")
+    p.add_argument("--sizes", default="2,4,8,16,32", help="batch sizes n (default 2,4,8,16,32)")
+    p.add_argument("--population", type=int, default=5000,
+                   help="training images that stand for the population (default 5000)")
+    p.add_argument("--draws", type=int, default=2000,
+                   help="at least this many batches per n (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the population and batches")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of tqdm bars")
+    p.add_argument("--replot", action="store_true",
+                   help="redraw the figure and summary of -o from its CSVs and --db, without "
+                        "measuring (after the databases gained runs)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+
     sub.add_parser(
         "bench", formatter_class=FORMATTER, add_help=False,
         help="operator benchmarks (arguments go to groupnorm.bench; see bench --help)",
@@ -386,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argparse.Namespace(), argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as given, for the records that name it
     commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,
-                "reproduce": cmd_reproduce, "export-db": cmd_export_db, "demo": cmd_demo}
+                "reproduce": cmd_reproduce, "export-db": cmd_export_db, "demo": cmd_demo,
+                "batch-noise": cmd_batch_noise}
     from groupnorm.experiments.runtime import debug_enabled
 
     try:

@@ -34,7 +34,7 @@ from .sources import (
 )
 from .synthetic import SPLIT_SEED_OFFSET, make_moving_clips, make_synthetic
 
-__all__ = ["load_dataset", "list_datasets", "SPLITS"]
+__all__ = ["load_dataset", "list_datasets", "dataset_title", "SPLITS"]
 
 SPLITS = ("train", "test")
 
@@ -370,6 +370,13 @@ _CATALOG: dict[str, _Spec] = {
 def list_datasets() -> list[str]:
     """Names accepted by :func:`load_dataset`."""
     return sorted(_CATALOG)
+
+
+def dataset_title(name: str) -> str:
+    """A dataset's name for readers ("cifar10-jpeg" -> "CIFAR-10 (JPEG q75)"); an unknown name
+    (from an old results database) as it is."""
+    spec = _CATALOG.get(name)
+    return spec.title if spec is not None else str(name)
 
 
 def _find(spec: _Spec, split: str, dirs: list[Path]) -> list[Path] | None:

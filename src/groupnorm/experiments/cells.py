@@ -66,10 +66,19 @@ def col_name(key: str) -> str:
     return _COLUMNS.get(key, key.split(".")[-1])
 
 
+def dataset_words(name: Any) -> str:
+    """A dataset's name for readers: "cifar10-jpeg" -> "CIFAR-10 (JPEG q75)"."""
+    from groupnorm.data import dataset_title
+
+    return dataset_title(str(name))
+
+
 def fmt_value(key: str, value: Any) -> str:
-    """A varying field's value as a table shows it (norm bn -> BN)."""
+    """A varying field's value as a table shows it (norm bn -> BN, a dataset by its title)."""
     if key == "norm":
         return norm_label(value)
+    if key == "dataset" and value is not None:
+        return dataset_words(value)
     if value is None:
         return "—"
     return str(value)
@@ -89,6 +98,22 @@ def study_cells(runs: list[dict[str, Any]]) -> tuple[list[str], list[Cell]]:
     for c in cells:
         c.runs.sort(key=lambda r: r["config"]["seed"])
     return varying, cells
+
+
+def by_dataset(varying: list[str], cells: list[Cell]
+               ) -> list[tuple[Any, list[str], list[Cell]]]:
+    """A study's cells per dataset, for comparisons that must not mix datasets: one (dataset,
+    the other varying fields, cells without the dataset in their values) per dataset, in the
+    cells' order; one (None, varying, cells) when the dataset does not vary."""
+    if "dataset" not in varying:
+        return [(None, varying, cells)]
+    rest = [k for k in varying if k != "dataset"]
+    out: dict[str, tuple[Any, list[str], list[Cell]]] = {}
+    for c in cells:
+        name = c.values["dataset"]
+        entry = out.setdefault(json.dumps(name), (name, rest, []))
+        entry[2].append(Cell({k: v for k, v in c.values.items() if k != "dataset"}, c.runs))
+    return list(out.values())
 
 
 def find(cells: list[Cell], **want: Any) -> Cell | None:
