@@ -7,14 +7,15 @@ tensor ops. Names: :func:`list_datasets`. Image folders (``<split>/<class>/<imag
 or a .tar/.tar.gz) are read by :func:`read_image_folder` and cached decoded on disk.
 """
 
-from .catalog import SPLITS, list_datasets, load_dataset
+from .catalog import SPLITS, dataset_title, list_datasets, load_dataset
 from .dataset import DataFile, ImageDataset, channel_stats, data_file, subset, train_val_split
 from .imagefolder import FolderSplit, read_image_folder
 from .loader import Loader
 from .sources import CorruptDatasetError, DatasetNotFoundError
 
 __all__ = [
-    "ImageDataset", "DataFile", "data_file", "load_dataset", "list_datasets", "train_val_split",
+    "ImageDataset", "DataFile", "data_file", "load_dataset", "list_datasets", "dataset_title",
+    "train_val_split",
     "subset", "Loader", "channel_stats", "read_image_folder", "FolderSplit",
     "DatasetNotFoundError", "CorruptDatasetError", "SPLITS",
 ]

@@ -372,6 +372,12 @@ def list_datasets() -> list[str]:
     return sorted(_CATALOG)
 
 
+def dataset_title(name: str) -> str | None:
+    """A dataset name's human title ("cifar10-jpeg" -> "CIFAR-10 (JPEG q75)"); None if unknown."""
+    spec = _CATALOG.get(name)
+    return None if spec is None else spec.title
+
+
 def _find(spec: _Spec, split: str, dirs: list[Path]) -> list[Path] | None:
     assert spec.files is not None
     if spec.locate is not None:
