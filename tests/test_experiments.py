@@ -99,13 +99,30 @@ def test_shipped_presets_expand(name):
     assert len(hashes) <= len(points)
 
 
-def test_quick_preset_is_the_batch_study_on_real_fashion_mnist():
-    cfgs = [p.config for p in load_preset("quick").expand()]
+def test_fmnist_quick_preset_is_the_batch_study_on_real_fashion_mnist():
+    cfgs = [p.config for p in load_preset("fmnist-quick").expand()]
     assert {c.dataset for c in cfgs} == {"fashion-mnist"}
     assert {c.norm for c in cfgs} == {"bn", "gn"}
     assert {c.batch_size for c in cfgs} == {2, 4, 8, 16, 32}
     assert len({c.seed for c in cfgs}) >= 2
     assert len(cfgs) == 20
+
+
+@pytest.mark.parametrize("name,out", [("fmnist-quick", "results/quick"),
+                                      ("fmnist-full", "results/full"),
+                                      ("fmnist-long", "results/long"),
+                                      ("full", "results/cifar10")])
+def test_renamed_presets_still_write_to_their_evidence(name, out):
+    # the Fashion-MNIST presets were renamed when quick/full moved to CIFAR-10: without `out`,
+    # `reproduce --preset full` would have added CIFAR-10 runs to the Fashion-MNIST results/full
+    assert load_preset(name).out == out
+
+
+def test_preset_out_must_be_a_folder_name():
+    assert parse_preset({"out": "somewhere"}, "x").out == "somewhere"
+    assert parse_preset({}, "x").out is None
+    with pytest.raises(ConfigError, match="out=3: must be a folder name"):
+        parse_preset({"out": 3}, "x")
 
 
 def test_command_line_axes_replace_or_extend_the_grid():
@@ -485,7 +502,7 @@ def test_num_threads_is_part_of_the_identity_with_a_fixed_default():
     assert "num_threads" in tiny().identity()
 
 
-@pytest.mark.parametrize("preset", ["quick", "full", "long"])
+@pytest.mark.parametrize("preset", PUBLISHED or ["quick"])
 def test_committed_runs_keep_their_config_hash(preset):
     """Adding num_threads to the identity left every recorded run's hash as it was."""
     db = Path(__file__).resolve().parents[1] / "results" / preset / "runs.db"

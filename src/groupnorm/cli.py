@@ -142,7 +142,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from groupnorm.experiments.sweep import run_sweep
 
     preset = load_preset(args.preset)
-    out = Path(args.out) if args.out else Path("results") / preset.name
+    out = Path(args.out or preset.out or Path("results") / preset.name)
     db = Path(args.db) if args.db else out / "runs.db"
     overrides = _overrides(args, lists=True)
     t0 = time.perf_counter()
@@ -338,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default="quick", help=f"{presets} or a .toml path")
     p.add_argument("--db", help="results database (default <out>/runs.db)")
-    p.add_argument("--out", help="report folder (default results/<preset>)")
+    p.add_argument("--out", help="report folder (default: the preset's `out`, else "
+                   "results/<preset>)")
     p.add_argument("--study", action="append", help="run only this study (repeatable)")
     p.add_argument("--retry-failed", action="store_true", help="queue failed runs again")
     p.add_argument("--csv", action="store_true", help="also export runs.csv and epochs.csv")
