@@ -111,7 +111,8 @@ def test_fmnist_quick_preset_is_the_batch_study_on_real_fashion_mnist():
 @pytest.mark.parametrize("name,out", [("fmnist-quick", "results/quick"),
                                       ("fmnist-full", "results/full"),
                                       ("fmnist-long", "results/long"),
-                                      ("full", "results/cifar10")])
+                                      ("full", "results/cifar10"),
+                                      ("quick", "results/cifar10-quick")])
 def test_renamed_presets_still_write_to_their_evidence(name, out):
     # the Fashion-MNIST presets were renamed when quick/full moved to CIFAR-10: without `out`,
     # `reproduce --preset full` would have added CIFAR-10 runs to the Fashion-MNIST results/full
@@ -123,6 +124,21 @@ def test_preset_out_must_be_a_folder_name():
     assert parse_preset({}, "x").out is None
     with pytest.raises(ConfigError, match="out=3: must be a folder name"):
         parse_preset({"out": 3}, "x")
+
+
+def test_quick_preset_is_bn_at_the_two_ends_of_n_on_real_cifar10():
+    # the paper's protocol on the full preset's net and data, BN only (no GN kernel to build,
+    # and GN's claim is about converged nets): see the preset's header for the budget
+    cfgs = [p.config for p in load_preset("quick").expand()]
+    full = load_preset("full").defaults
+    assert {c.dataset for c in cfgs} == {"cifar10-jpeg"}
+    assert {c.norm for c in cfgs} == {"bn"}
+    assert {c.batch_size for c in cfgs} == {2, 32}
+    assert {c.seed for c in cfgs} == {0, 1}
+    for c in cfgs:
+        assert (c.model, c.model_options, c.train_size, c.workers, c.lr, c.schedule) == (
+            full["model"], full["model_options"], full["train_size"], full["workers"],
+            full["lr"], full["schedule"])
 
 
 def test_command_line_axes_replace_or_extend_the_grid():
