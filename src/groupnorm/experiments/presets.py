@@ -2,10 +2,11 @@
 
 A preset has an optional `description` and `out` (the folder `groupnorm reproduce` writes to
 without --out; default results/<name>), a `[defaults]` table (fields of `TrainConfig`) and any
-number of `[[study]]` tables, each with a `name`, a `kind` (what the report does with it, one of ``STUDY_KINDS``), optional
-fixed `set` overrides and a `grid` of field -> list of values. A dict value replaces the whole
-dict field (`norm_options = { group_size = 1 }` drops the default num_groups); a quoted dotted key
-changes one entry: `"norm_options.num_groups" = [1, 2, 4]`. Grid keys vary last-fastest.
+number of `[[study]]` tables, each with a `name`, a `kind` (what the report does with it, one
+of ``STUDY_KINDS``), optional fixed `set` overrides and a `grid` of field -> list of values. A
+dict value replaces the whole dict field (`norm_options = { group_size = 1 }` drops the default
+num_groups); a quoted dotted key changes one entry: `"norm_options.num_groups" = [1, 2, 4]`.
+Grid keys vary last-fastest.
 
 A study's description may name config fields in braces (``{epochs} epochs``, ``{n_seeds}
 seeds``): the report fills them from the runs actually recorded, so the text follows the
