@@ -463,6 +463,13 @@ PUBLISHED = sorted(p.parent.name for p in
                    (Path(__file__).resolve().parents[1] / "results").glob("*/report.md"))
 
 
+def test_every_committed_results_database_has_its_report():
+    """A results/<name>/runs.db without report.md would escape the check below."""
+    root = Path(__file__).resolve().parents[1] / "results"
+    dbs = sorted(p.parent.name for p in root.glob("*/runs.db"))
+    assert [name for name in dbs if name not in PUBLISHED] == []
+
+
 @pytest.mark.parametrize("preset", PUBLISHED or ["quick"])
 def test_committed_report_matches_its_database(tmp_path, preset):
     """results/<preset>/report.md is exactly what `groupnorm report` makes of the committed db."""
