@@ -104,6 +104,16 @@ def test_train_sweep_report(tmp_path, capsys):
     assert (tmp_path / "rep" / "runs.csv").exists()
 
 
+def test_reproduce_writes_to_the_presets_out_folder_without_out(tmp_path, capsys):
+    # was: always results/<preset name>, so a renamed preset lost its evidence folder
+    out = tmp_path / "evidence"
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(f'description = "tiny"\nout = "{out.as_posix()}"\n[[study]]\n'
+                      'name = "batch_size"\nkind = "batch"\n[study.grid]\nnorm = ["bn"]\n')
+    assert main(["reproduce", "--preset", str(preset), *TINY, "--no-progress"]) == 0
+    assert (out / "report.md").exists() and (out / "runs.db").exists()
+
+
 def test_parser_builds_with_every_shipped_preset_named():
     text = build_parser().format_help()
     assert "quick" in text and "full" in text

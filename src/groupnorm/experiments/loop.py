@@ -71,14 +71,15 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *,
     data = load_data(cfg)
     runtime.seed_everything(cfg.seed)
     model = build_model(cfg, norm, int(data.train.images.shape[1]), data.train.num_classes)
-    model = model.to(device)
+    model = model.to(device)  # keeps the memory format build_model gave it
     num_params = sum(p.numel() for p in model.parameters())
     net: nn.Module = model
     if d.enabled:
         net = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    val_loader = gdata.Loader(data.val, cfg.eval_batch_size, shuffle=False, augment=False,
-                              drop_last=False, seed=0, device=str(device))
+    val_loaders = [gdata.Loader(ds, cfg.eval_batch_size, shuffle=False, device=str(device),
+                                channels_last=cfg.channels_last) for ds in (data.val, data.curve)
+                   if ds is not None]
 
     path = Path(checkpoint) if checkpoint is not None else None
     key = runtime.CheckpointKey(cfg.config_hash(),
@@ -92,7 +93,7 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *,
         rec.start(RunInfo(data_files=data.files, num_params=num_params))
 
     plan = phases(cfg)
-    epochs = _Epochs(cfg, net, model, val_loader, device, d, total=plan[-1].last_epoch)
+    epochs = _Epochs(cfg, net, model, val_loaders, device, d, total=plan[-1].last_epoch)
     rows: list[dict[str, Any]] = list(ckpt["rows"]) if ckpt else []
     for phase in plan:
         if done >= phase.last_epoch:
@@ -102,7 +103,7 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *,
         groupnorm.set_virtual_batch(model, n if cfg.workers > 1 else None)
         loader = gdata.Loader(data.train, cfg.workers * n, shuffle=True, augment=cfg.augment,
                               drop_last=True, seed=cfg.seed, device=str(device), rank=d.rank,
-                              world_size=d.world_size)
+                              world_size=d.world_size, channels_last=cfg.channels_last)
         if len(loader) == 0:
             raise ConfigError(
                 f"the training set ({len(data.train.labels)} images over {d.world_size} ranks) "
@@ -133,8 +134,8 @@ def train(cfg: TrainConfig, recorder: Recorder | None = None, *,
             done = epoch
         ckpt = None  # the next phase starts with a fresh optimizer
     timings = {**epochs.timings, "total_s": time.perf_counter() - t_start}
-    summary = {**summarize(rows, cfg.report_last), "num_params": num_params,
-               "train_seconds": timings["total_s"]}
+    summary = {**summarize(rows, cfg.report_last, curve_subset=data.curve is not None),
+               "num_params": num_params, "train_seconds": timings["total_s"]}
     result = RunResult(epochs=rows, summary=summary, timings=timings)
     if d.is_main:
         rec.finish(result)
@@ -185,12 +186,16 @@ def _names(files: Any) -> str:
 
 
 class _Epochs:
-    """Runs epochs of one run: its model, device, evaluation loader and time accounts."""
+    """Runs epochs of one run: its model, device, evaluation loaders and time accounts."""
 
-    def __init__(self, cfg: TrainConfig, net: nn.Module, model: nn.Module, val_loader: Any,
+    def __init__(self, cfg: TrainConfig, net: nn.Module, model: nn.Module, val_loaders: list[Any],
                  device: torch.device, d: runtime.Dist, total: int) -> None:
-        self.cfg, self.net, self.model, self.val_loader = cfg, net, model, val_loader
-        self.device, self.d, self.total = device, d, total
+        self.cfg, self.net, self.model, self.device, self.d = cfg, net, model, device, d
+        self.total = total
+        # the reported number reads the last report_last epochs: those see the whole val set;
+        # the epochs before, the curve subset when there is one (val_loaders[1])
+        self.val_loader, self.curve_loader = val_loaders[0], val_loaders[-1]
+        self.full_from = total - cfg.report_last + 1
         self.timings = {"data_s": 0.0, "step_s": 0.0, "eval_s": 0.0, "log_s": 0.0, "steps": 0}
 
     def run(self, epoch: int, phase: str, loader: Any, optimizer: torch.optim.Optimizer,
@@ -237,7 +242,8 @@ class _Epochs:
             wrong, seen = wrong_f, int(seen_f)
         t_eval = time.perf_counter()
         if d.is_main:
-            val_loss, val_error = evaluate(self.model, self.val_loader, device)
+            loader = self.val_loader if epoch >= self.full_from else self.curve_loader
+            val_loss, val_error = evaluate(self.model, loader, device)
         else:
             val_loss, val_error = float("nan"), float("nan")
         eval_s = time.perf_counter() - t_eval
@@ -275,14 +281,19 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device) -> tuple[float
     return float(loss_sum) / max(count, 1), 100.0 * float(wrong) / max(count, 1)
 
 
-def summarize(epoch_rows: list[dict[str, Any]], report_last: int) -> dict[str, Any]:
-    """Summary metrics from the epoch rows of the final phase (median of the last k, paper)."""
+def summarize(epoch_rows: list[dict[str, Any]], report_last: int, *,
+              curve_subset: bool = False) -> dict[str, Any]:
+    """Summary metrics from the epoch rows of the final phase (median of the last k, paper).
+
+    With `curve_subset` the epochs before the last `report_last` were evaluated on a val subset,
+    so the best val error is taken over the last `report_last` only (the whole val set).
+    """
     final_phase = [r for r in epoch_rows if r["phase"] == epoch_rows[-1]["phase"]]
     last = [r["val_error"] for r in final_phase[-report_last:]]
     return {
         "median_val_error": statistics.median(last),
         "final_val_error": epoch_rows[-1]["val_error"],
-        "best_val_error": min(r["val_error"] for r in final_phase),
+        "best_val_error": min(last if curve_subset else [r["val_error"] for r in final_phase]),
         "final_train_error": epoch_rows[-1]["train_error"],
         "images_per_s": statistics.fmean(r["images_per_s"] for r in epoch_rows),
     }

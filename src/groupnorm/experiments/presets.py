@@ -1,10 +1,12 @@
 """Presets: TOML files of defaults and studies, expanded into one TrainConfig per grid point.
 
-A preset has a `[defaults]` table (fields of `TrainConfig`) and any number of `[[study]]` tables,
-each with a `name`, a `kind` (what the report does with it, one of ``STUDY_KINDS``), optional
-fixed `set` overrides and a `grid` of field -> list of values. A dict value replaces the whole
-dict field (`norm_options = { group_size = 1 }` drops the default num_groups); a quoted dotted key
-changes one entry: `"norm_options.num_groups" = [1, 2, 4]`. Grid keys vary last-fastest.
+A preset has an optional `description` and `out` (the folder `groupnorm reproduce` writes to
+without --out; default results/<name>), a `[defaults]` table (fields of `TrainConfig`) and any
+number of `[[study]]` tables, each with a `name`, a `kind` (what the report does with it, one
+of ``STUDY_KINDS``), optional fixed `set` overrides and a `grid` of field -> list of values. A
+dict value replaces the whole dict field (`norm_options = { group_size = 1 }` drops the default
+num_groups); a quoted dotted key changes one entry: `"norm_options.num_groups" = [1, 2, 4]`.
+Grid keys vary last-fastest.
 
 A study's description may name config fields in braces (``{epochs} epochs``, ``{n_seeds}
 seeds``): the report fills them from the runs actually recorded, so the text follows the
@@ -61,6 +63,9 @@ class Preset:
     description: str
     defaults: dict[str, Any]
     studies: list[Study]
+    # results folder of `groupnorm reproduce` without --out (None: results/<name>); lets a
+    # renamed preset keep pointing at the evidence it produced
+    out: str | None = None
 
     def expand(self, overrides: dict[str, list[Any]] | None = None,
                studies: list[str] | None = None) -> list[Point]:
@@ -149,10 +154,13 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 def parse_preset(data: dict[str, Any], name: str) -> Preset:
     """Build a Preset from parsed TOML, checking every key against TrainConfig's fields."""
-    extra = sorted(set(data) - {"description", "defaults", "study"})
+    extra = sorted(set(data) - {"description", "out", "defaults", "study"})
     if extra:
-        raise ConfigError(f"unknown top-level keys {extra}; a preset has description, "
+        raise ConfigError(f"unknown top-level keys {extra}; a preset has description, out, "
                           "[defaults] and [[study]] tables")
+    out = data.get("out")
+    if out is not None and (not isinstance(out, str) or not out):
+        raise ConfigError(f"out={out!r}: must be a folder name such as \"results/cifar10\"")
     defaults = _table(data.get("defaults", {}), "[defaults]")
     for key in defaults:
         check_key(key)
@@ -190,7 +198,7 @@ def parse_preset(data: dict[str, Any], name: str) -> Preset:
     if len({s.name for s in studies}) != len(studies):
         raise ConfigError("two studies have the same name")
     return Preset(name=name, description=str(data.get("description", "")), defaults=defaults,
-                  studies=studies)
+                  studies=studies, out=out)
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:

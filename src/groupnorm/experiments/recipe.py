@@ -125,14 +125,15 @@ class Data:
     identity of the files they were read from."""
 
     train: Any  # groupnorm.data.ImageDataset
-    val: Any
+    val: Any  # the reported number's val set
+    curve: Any  # the fixed val subset of the epochs before the last report_last; None: val
     # [{"path", "size", "sha256"}] of every file read, sorted; [] for generated data; None when
     # the dataset does not say (a reader without a `files` record)
     files: list[dict[str, Any]] | None
 
 
 def load_data(cfg: TrainConfig) -> Data:
-    """(train, val) datasets of a config, and the files they came from."""
+    """(train, val, curve) datasets of a config, and the files they came from."""
     from groupnorm import data
 
     train = data.load_dataset(cfg.dataset, "train", **cfg.dataset_options)
@@ -147,7 +148,10 @@ def load_data(cfg: TrainConfig) -> Data:
             val = data.subset(val, cfg.val_size, seed=cfg.data_seed)
     if cfg.train_size and cfg.train_size < len(train.labels):
         train = data.subset(train, cfg.train_size, seed=cfg.data_seed)
-    return Data(train, val, data_files(*loaded))
+    curve = None
+    if cfg.val_curve_size and cfg.val_curve_size < len(val.labels):
+        curve = data.subset(val, cfg.val_curve_size, seed=cfg.data_seed)
+    return Data(train, val, curve, data_files(*loaded))
 
 
 def data_files(*datasets: Any) -> list[dict[str, Any]] | None:
@@ -162,12 +166,19 @@ def data_files(*datasets: Any) -> list[dict[str, Any]] | None:
 
 def build_model(cfg: TrainConfig, norm: NormSpec, in_channels: int, num_classes: int
                 ) -> nn.Module:
-    """The configured model for the data's channels and classes, with the resolved norm."""
+    """The configured model for the data's channels and classes, with the resolved norm, in
+    channels-last format when the config says so (channels_last_3d for a video model)."""
     from groupnorm import models
 
-    return models.create_model(cfg.model, num_classes, in_channels=in_channels, norm=norm.name,
-                               zero_init_residual=cfg.zero_init_residual, **cfg.model_options,
-                               **dict(norm.options))
+    model = models.create_model(cfg.model, num_classes, in_channels=in_channels,
+                                norm=norm.name, zero_init_residual=cfg.zero_init_residual,
+                                **cfg.model_options, **dict(norm.options))
+    if cfg.channels_last:
+        check_channels_last(cfg, model)
+        video = any(isinstance(m, nn.Conv3d) for m in model.modules())
+        model = model.to(memory_format=torch.channels_last_3d if video
+                         else torch.channels_last)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +298,26 @@ def check(cfg: TrainConfig) -> NormSpec:
         raise ConfigError(f"model={cfg.model!r} {cfg.model_options or ''} with norm="
                           f"{norm.name!r}{opts}: {exc}") from None
     return norm
+
+
+def check_channels_last(cfg: TrainConfig, model: nn.Module) -> None:
+    """Refuse a channels-last CPU run through a convolution that torch's CPU kernel breaks.
+
+    torch 2.13.0+cpu (oneDNN): the backward of a strided 1x1 Conv2d on channels-last input
+    with 2 to 7 input channels corrupts the heap ("double free or corruption", a segfault or a
+    bus error, 2026-11-30); 8 or more channels compute the float64 reference's gradients. The
+    CIFAR ResNets' projection shortcuts are such convolutions when width < 8.
+    """
+    if not cfg.channels_last or not cfg.device.startswith("cpu"):
+        return
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                and m.in_channels < 8):
+            raise ConfigError(
+                f"channels_last=true with model={cfg.model!r} {cfg.model_options or ''}: its "
+                f"layer {name} is a strided 1x1 convolution over {m.in_channels} channels, whose "
+                "channels-last backward corrupts memory in torch's CPU kernel (fewer than 8 "
+                "input channels); use a width of at least 8 or channels_last=false")
 
 
 def _dataset_options(name: str) -> set[str] | None:

@@ -30,7 +30,7 @@ from .cells import (
     sort_key,
     study_cells,
 )
-from .config import flatten
+from .config import flatten, identity_of
 from .findings import VERDICT_RULE, Finding, fmt_short
 from .kinds import StudyKind, kind_of
 from .store import Store
@@ -213,8 +213,7 @@ def _runs_lines(store: Store, all_runs: list[dict[str, Any]],
     devices = sorted({r["device"] or "?" for r in done})
     lines.append(f"- code: {', '.join(versions)}; torch {', '.join(torches)}; "
                  f"device {', '.join(devices)}")
-    names = sorted({str(r["config"].get("dataset")) for r in done})
-    lines.append("- datasets: " + ", ".join(f"{dataset_words(n)} (`{n}`)" for n in names))
+    lines.append(_dataset_line(done))
     lines += _data_lines(done)
     started = min(r["started_at"] or "" for r in done)
     finished = max(r["finished_at"] or "" for r in done)
@@ -229,6 +228,19 @@ def _runs_lines(store: Store, all_runs: list[dict[str, Any]],
                      f"invocation(s) of the sweep command (jobs {', '.join(map(str, jobs))})")
     lines.append(_overhead_line(done))
     return lines
+
+
+def _dataset_line(done: list[dict[str, Any]]) -> str:
+    """Which datasets the done runs trained on, by name (the variant: cifar10-jpeg is not the
+    official cifar10) and title, with their run counts."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in done:
+        counts[identity_of(r["config"])["dataset"]] += 1
+    parts = []
+    for name, k in sorted(counts.items()):
+        title = dataset_words(name)
+        parts.append(f"`{name}`" + (f" ({title})" if title != name else "") + f", {k} runs")
+    return "- datasets: " + "; ".join(parts)
 
 
 def _data_lines(done: list[dict[str, Any]]) -> list[str]:
@@ -316,6 +328,13 @@ def _setup_line(runs: list[dict[str, Any]], varying: list[str]) -> str:
         parts.append(f"step batch = {w[0]}×{n[0]}")
     last = sorted({f.get("report_last") for f in flats}, key=sort_key)
     parts.append(f"reported = median val error of the last {', '.join(map(str, last))} epochs")
+    # shown only when set, so that reports of runs from before these fields stay as they were
+    curve = sorted({f["val_curve_size"] for f in flats if f.get("val_curve_size")})
+    if curve and "val_curve_size" not in varying:
+        parts.append("the epochs before those evaluated on a fixed val subset of "
+                     f"{', '.join(map(str, curve))} images (the curves only)")
+    if any(f.get("channels_last") for f in flats) and "channels_last" not in varying:
+        parts.append("channels-last model and batches")
     return "; ".join(parts)
 
 
