@@ -95,6 +95,16 @@ class Table:
         print(" ".join(f"{row[c]!s:>{max(len(c), 13)}}" for c in self.columns), flush=True)
 
 
+def write_csvs(tables: dict[str, Table], csv_path: Path, env: str) -> None:
+    """One CSV per part, <stem>-<part>.csv beside csv_path, each row tagged with env."""
+    for part, table in tables.items():
+        path = csv_path.with_name(f"{csv_path.stem}-{part}{csv_path.suffix}")
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, [*table.columns, "env"])
+            w.writeheader()
+            w.writerows({**r, "env": env} for r in table.rows)
+
+
 def folded_batch_norm(x: torch.Tensor, n: int, weight: torch.Tensor, bias: torch.Tensor,
                       eps: float = 1e-5) -> torch.Tensor:
     """The alternative not taken: the W workers folded into the channel dim of one aten call.
@@ -240,13 +250,8 @@ def main(argv: list[str] | None = None) -> None:
         tables["step"] = step_part(args.rounds, args.workers, args.widths)
     if "stats" in args.parts:
         tables["stats"] = stats_part(args.workers)
-    if args.csv:  # one file per part: <stem>-<part>.csv
-        for part, table in tables.items():
-            path = args.csv.with_name(f"{args.csv.stem}-{part}{args.csv.suffix}")
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, [*table.columns, "env"])
-                w.writeheader()
-                w.writerows({**r, "env": env} for r in table.rows)
+    if args.csv:
+        write_csvs(tables, args.csv, env)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import ctypes
 import datetime
 import sys
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bn import Table, per_chunk_path  # noqa: E402
+from bench_bn import Table, per_chunk_path, write_csvs  # noqa: E402
 
 from groupnorm import set_virtual_batch  # noqa: E402
 from groupnorm._sysinfo import cpu_model  # noqa: E402
@@ -250,12 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     if "profile" in args.part:
         tables["profile"] = profile_part(ds, args.rounds)
     if args.csv:
-        for part, table in tables.items():
-            path = args.csv.with_name(f"{args.csv.stem}-{part}{args.csv.suffix}")
-            with open(path, "w", newline="") as f:
-                w = csv.DictWriter(f, [*table.columns, "env"])
-                w.writeheader()
-                w.writerows({**r, "env": env} for r in table.rows)
+        write_csvs(tables, args.csv, env)
 
 
 if __name__ == "__main__":
