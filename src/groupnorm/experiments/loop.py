@@ -242,8 +242,8 @@ class _Epochs:
             wrong, seen = wrong_f, int(seen_f)
         t_eval = time.perf_counter()
         if d.is_main:
-            loader = self.val_loader if epoch >= self.full_from else self.curve_loader
-            val_loss, val_error = evaluate(self.model, loader, device)
+            eval_loader = self.val_loader if epoch >= self.full_from else self.curve_loader
+            val_loss, val_error = evaluate(self.model, eval_loader, device)
         else:
             val_loss, val_error = float("nan"), float("nan")
         eval_s = time.perf_counter() - t_eval
