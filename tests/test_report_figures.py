@@ -219,7 +219,8 @@ def test_report_sets_datasets_side_by_side_per_claim_with_a_verdict_each(tmp_pat
              + _batch_runs("fashion-mnist", [0], {2: 18.0, 32: 18.5}, {2: 19.0, 32: 19.0}))
     db = fake_db(tmp_path / "r.db", [("batch_size", "batch", runs_)])
     md = build_report(db, tmp_path / "rep", plots=False).read_text()
-    assert "- datasets: CIFAR-10 (JPEG q75) (`cifar10-jpeg`), Fashion-MNIST (`fashion-mnist`)" in md
+    assert ("- datasets: `cifar10-jpeg` (CIFAR-10 (JPEG q75)), 8 runs; `fashion-mnist` "
+            "(Fashion-MNIST), 4 runs") in md
     head = ("| claim | comparison | paper | CIFAR-10 (JPEG q75) | verdict | Fashion-MNIST | "
             "verdict |")
     assert head in md
