@@ -275,3 +275,14 @@ def test_verdict_margin_is_two_standard_errors():
     assert verdict((1.8, 1.5, 3), 5.0) == "holds"
     assert verdict((1.7, 1.5, 3), 5.0) == "within noise"
     assert math.isclose(2 * 1.5 / math.sqrt(3), 1.732, abs_tol=1e-3)
+
+
+def test_a_study_of_one_norm_over_n_is_still_set_beside_the_paper(tmp_path):
+    """Was: with the norm set for the whole study (the BN-only quick preset), the finding had no
+    norm, so no published number and no verdict ("no published number")."""
+    runs_ = [({"norm": "bn", "batch_size": n, "seed": seed}, err + seed)
+             for seed in (0, 1) for n, err in ((2, 40.0), (32, 33.0))]
+    db = fake_db(tmp_path / "r.db", [("batch_size", "batch", runs_)])
+    md = build_report(db, tmp_path / "rep", plots=False).read_text()
+    assert "BN error at n=2 − at n=32: +7.0 ± 0.0 points over 2 seed(s) (paper: +11.1)" in md
+    assert "paper: +11.1" in md and "no published number" not in md

@@ -88,12 +88,17 @@ class BatchSize(StudyKind):
         sizes = sorted({c.values["batch_size"] for c in cells})
         lo, hi = sizes[0], sizes[-1]
         norms = _norms(cells)
+        # one norm for the whole study (set, not varied, e.g. the BN-only quick preset): the
+        # paper's curve of that norm is still the comparison
+        shared = {r["config"].get("norm") for c in cells for r in c.runs}
+        fixed = shared.pop() if not norms and len(shared) == 1 else None
         for norm in norms or [None]:
             sel = {"norm": norm} if norm is not None else {}
             a, b = find(cells, batch_size=lo, **sel), find(cells, batch_size=hi, **sel)
-            who = f"{norm_label(norm)} " if norm is not None else ""
+            named = norm if norm is not None else fixed
+            who = f"{norm_label(named)} " if named is not None else ""
             out.append(Finding(f"{who}error at n={lo} − at n={hi}", diff(a, b),
-                               self.batch_gap(norm, lo, hi)))
+                               self.batch_gap(named, lo, hi)))
         if "bn" in norms and "gn" in norms:
             for n in (lo, hi):
                 d = diff(find(cells, batch_size=n, norm="gn"), find(cells, batch_size=n, norm="bn"))
