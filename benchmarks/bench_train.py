@@ -38,8 +38,7 @@ import contextlib
 import ctypes
 import datetime
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_bn import Table, per_chunk_path, write_csvs  # noqa: E402
+from bench_bn import Table, per_chunk_path, race, write_csvs  # noqa: E402
 
 from groupnorm import set_virtual_batch  # noqa: E402
 from groupnorm._sysinfo import cpu_model  # noqa: E402
@@ -110,20 +109,6 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-
-
-def race(contenders: dict[str, Callable[[], object]], rounds: int, reps: int) -> dict[str, float]:
-    """Seconds per call of each contender: the fastest of ``rounds`` round-robin rounds."""
-    for fn in contenders.values():
-        fn()
-    best = dict.fromkeys(contenders, float("inf"))
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            t0 = time.thread_time()
-            for _ in range(reps):
-                fn()
-            best[name] = min(best[name], (time.thread_time() - t0) / reps)
-    return best
 
 
 def throughput_part(ds, rounds: int, nets: list[str]) -> Table:
