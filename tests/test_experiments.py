@@ -906,3 +906,40 @@ def test_a_cifar10_jpeg_run_records_the_archive_it_read(monkeypatch):
     (f,) = rec.info.data_files  # one archive holds both splits
     assert Path(f["path"]).name == "cifar10-jpeg.tar.gz" and f["size"] == archive.stat().st_size
     assert f["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_code_version_is_dirty_only_for_changes_to_the_package(tmp_path):
+    """A sweep writing results/<x>/runs.db inside the checkout must not mark its own runs as
+    run from modified code; an edit (or a new file) in the package must."""
+    import shutil
+    import subprocess
+
+    from groupnorm.experiments.runtime import git_code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git not installed")
+    repo = tmp_path / "repo"
+    pkg = repo / "src" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "mod.py").write_text("x = 1\n")
+    (repo / "results").mkdir()
+    (repo / "results" / "runs.db").write_bytes(b"v1")
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "init")
+    assert git_code_version(tmp_path) is None  # not a checkout
+    clean = git_code_version(pkg)
+    assert clean is not None and clean.startswith("git:") and not clean.endswith("-dirty")
+    (repo / "results" / "runs.db").write_bytes(b"v2")  # a sweep writing its database
+    (repo / "NOTES.md").write_text("untracked, outside the package\n")
+    assert git_code_version(pkg) == clean
+    (pkg / "new.py").write_text("y = 2\n")  # new code in the package
+    assert git_code_version(pkg) == clean + "-dirty"
+    (pkg / "new.py").unlink()
+    (pkg / "mod.py").write_text("x = 2\n")  # edited code
+    assert git_code_version(pkg) == clean + "-dirty"

@@ -116,21 +116,39 @@ def owner_state(owner: str | None) -> str:
     return "alive"
 
 
+def git_code_version(package_dir: Path) -> str | None:
+    """``git:<describe>`` of the checkout holding ``package_dir``, or None outside a checkout.
+
+    ``-dirty`` is added when a file under ``package_dir`` (the code a run imports) differs from
+    the commit or is new and not ignored; changes elsewhere in the checkout (a results database a
+    sweep is writing, docs) leave the version clean, because they do not change what ran.
+    """
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True,
+                                 timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    described = git("describe", "--always", "--tags")
+    if not described or not described.strip():
+        return None
+    status = git("status", "--porcelain", "--untracked-files=normal", "--", ".")
+    dirty = "-dirty" if status is None or status.strip() else ""
+    return "git:" + described.strip() + dirty
+
+
 @functools.cache
 def code_version() -> str:
-    """`git describe` of the source tree when it is a checkout, else the package version.
+    """`git describe` of the package's source when it is a checkout, else the package version.
 
     Read once per process, so a run records the code its process loaded, not what the working
-    tree holds by the time it is claimed.
+    tree holds by the time it is claimed. See `git_code_version` for what counts as dirty.
     """
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here,
-                             capture_output=True, text=True, timeout=5)
-        if out.returncode == 0 and out.stdout.strip():
-            return "git:" + out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
+    version_here = git_code_version(Path(__file__).resolve().parent.parent)
+    if version_here is not None:
+        return version_here
     from importlib.metadata import PackageNotFoundError, version
 
     try:
