@@ -332,3 +332,36 @@ def test_bench_allocator_setting_takes():
                          check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
                    else "False")
+
+
+def _sysfs_l3_bytes() -> int | None:
+    """cpu0's unified level-3 cache in bytes from Linux sysfs (None where there is no such file)."""
+    from pathlib import Path
+
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for d in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level, kind, size = ((d / f).read_text().strip() for f in ("level", "type", "size"))
+        except OSError:
+            continue
+        if level == "3" and kind == "Unified":
+            return int(size.rstrip("KMG")) * units.get(size[-1], 1)
+    return None
+
+
+def test_cache_thresholds_follow_the_l3_this_cpu_shares(monkeypatch):
+    """The streaming-store threshold and the NHWC slab budget come from the L3 that sysfs gives
+    (a quarter, at least 4 MiB; a half), not from sysconf, which under a hypervisor can report the
+    whole socket (256 MiB on the AVX2 machine against 32 MiB of one CCX: nothing was streamed)."""
+    monkeypatch.delenv("GROUPNORM_CPU_STREAM_MIN_BYTES", raising=False)
+    monkeypatch.delenv("GROUPNORM_CPU_SLAB_CACHE_BYTES", raising=False)
+    l3, stream_min, slab = torch.ops.groupnorm_cpu.cache_config()
+    expected = _sysfs_l3_bytes()
+    if expected is None:
+        pytest.skip("no level-3 cache in /sys/devices/system/cpu/cpu0/cache")
+    assert l3 == expected
+    assert stream_min == max(4 << 20, expected // 4)
+    assert slab == expected // 2
+    monkeypatch.setenv("GROUPNORM_CPU_STREAM_MIN_BYTES", "123")
+    monkeypatch.setenv("GROUPNORM_CPU_SLAB_CACHE_BYTES", "456")
+    assert torch.ops.groupnorm_cpu.cache_config() == [expected, 123, 456]

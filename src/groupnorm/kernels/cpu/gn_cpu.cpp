@@ -39,6 +39,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #include <unistd.h>
 #include <vector>
@@ -207,26 +209,54 @@ void parallel_tasks(int64_t ntasks, int64_t elems, const F& body) {
   at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { run(); });
 }
 
+// Bytes of the last-level cache that this CPU shares with the others, or 0 when unknown. Linux
+// sysfs first (cpu0's unified level-3 cache, "32768K"): it describes the cache a core actually
+// uses. sysconf(_SC_LEVEL3_CACHE_SIZE) only as the fallback: under a hypervisor it can report
+// the whole socket's L3 (the 2-core AMD EPYC VM of 2026-11-30: 256 MiB from sysconf, 32 MiB in
+// sysfs, the size of one Zen 3 CCX), which moved both thresholds below past every benchmark
+// shape and cost the NHWC forward 1.1-1.2x (see stream_min_bytes).
+inline int64_t l3_cache_bytes() {
+  static const int64_t bytes = [] {
+    for (int i = 0; i < 8; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i);
+      std::ifstream level(dir + "/level"), type(dir + "/type"), size(dir + "/size");
+      int lv = 0;
+      std::string ty, sz;
+      if (!(level >> lv) || !(type >> ty) || !(size >> sz)) continue;
+      if (lv != 3 || ty != "Unified" || sz.empty()) continue;
+      char* end = nullptr;
+      const long long v = std::strtoll(sz.c_str(), &end, 10);
+      const int64_t unit = (*end == 'K') ? (int64_t(1) << 10)
+                           : (*end == 'M') ? (int64_t(1) << 20)
+                           : (*end == 'G') ? (int64_t(1) << 30) : 1;
+      if (v > 0) return static_cast<int64_t>(v) * unit;
+    }
+#ifdef _SC_LEVEL3_CACHE_SIZE
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (l3 > 0) return static_cast<int64_t>(l3);
+#endif
+    return int64_t(0);
+  }();
+  return bytes;
+}
+
 // Outputs of at least this many bytes are written with non-temporal (streaming) stores: such
 // an output is unlikely to still be in the last-level cache when the next layer reads it, and
 // a normal store first reads the line it writes. Measured on the Zen 4 machine of
 // BENCHMARKS.md (2 threads, fp32, same process, A/B by this threshold): (8,256,56,56) NHWC
 // forward 2.83 -> 1.87 ms, NCHW forward 1.61 -> 1.43 ms (a copy: 1.40), backward 3.65 -> 3.21 /
-// 2.50 -> 2.02 ms; (8,256,32,32), 8 MB: 0.64 -> 0.51 / 0.71 -> 0.46 ms. Default: a quarter of
-// the L3 (as sysconf reports it; at least 4 MiB), else 8 MiB. GROUPNORM_CPU_STREAM_MIN_BYTES
-// overrides it, read at every call (the tests set 0 to stream small tensors too).
+// 2.50 -> 2.02 ms; (8,256,32,32), 8 MB: 0.64 -> 0.51 / 0.71 -> 0.46 ms. On the AVX2 machine
+// (Zen 3, 2 threads, 2026-11-30 23:07 UTC, idle, same process, 8 MiB against the 64 MiB that
+// sysconf's L3 gave; benchmarks/bench_cache_thresholds.py): 1.08-1.27x faster forward, 1.11-1.22x
+// forward + backward, on the five >= 2M-element shapes, both layouts. Default: a quarter of the L3
+// (l3_cache_bytes; at least 4 MiB), else 8 MiB. GROUPNORM_CPU_STREAM_MIN_BYTES overrides it,
+// read at every call (the tests set 0 to stream small tensors too).
 inline int64_t stream_min_bytes() {
   if (const char* env = std::getenv("GROUPNORM_CPU_STREAM_MIN_BYTES")) {
     return std::strtoll(env, nullptr, 10);
   }
-  static const int64_t l3_quarter = [] {
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0) return std::max<int64_t>(int64_t(4) << 20, l3 / 4);
-#endif
-    return int64_t(8) << 20;
-  }();
-  return l3_quarter;
+  const int64_t l3 = l3_cache_bytes();
+  return l3 > 0 ? std::max<int64_t>(int64_t(4) << 20, l3 / 4) : int64_t(8) << 20;
 }
 
 template <typename scalar_t>
@@ -405,22 +435,16 @@ void fwd_nchw(const scalar_t* x, const scalar_t* r, const at::opmath_type<scalar
 // Rows per NHWC chunk: about 16K elements, at least one row.
 inline int64_t rows_per_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / C); }
 
-// Bytes of slabs that may be in flight for their second pass to hit the cache: half the L3 as
-// sysconf reports it (the other half for everything else: y, other processes), else 16 MiB.
+// Bytes of slabs that may be in flight for their second pass to hit the cache: half the L3
+// (l3_cache_bytes; the other half for everything else: y, other processes), else 16 MiB.
 // GROUPNORM_CPU_SLAB_CACHE_BYTES overrides it, read at every call (the tests force each
 // schedule with it).
 inline int64_t slab_cache_bytes() {
   if (const char* env = std::getenv("GROUPNORM_CPU_SLAB_CACHE_BYTES")) {
     return std::strtoll(env, nullptr, 10);
   }
-  static const int64_t l3_half = [] {
-#ifdef _SC_LEVEL3_CACHE_SIZE
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (l3 > 0) return static_cast<int64_t>(l3 / 2);
-#endif
-    return int64_t(16) << 20;
-  }();
-  return l3_half;
+  const int64_t l3 = l3_cache_bytes();
+  return l3 > 0 ? l3 / 2 : int64_t(16) << 20;
 }
 
 struct NhwcPlan {
@@ -1050,7 +1074,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_bwd(
 
 }  // namespace
 
+// The cache sizes the kernels plan with, in bytes: {L3 (0: unknown), streaming-store threshold,
+// NHWC slab budget}, after the environment overrides (benchmarks record them; tests check them).
+std::vector<int64_t> cache_config() {
+  return {l3_cache_bytes(), stream_min_bytes(), slab_cache_bytes()};
+}
+
 TORCH_LIBRARY(groupnorm_cpu, m) {
+  m.def("cache_config() -> int[]", &cache_config);
   m.def("fwd(Tensor x, Tensor weight, Tensor bias, Tensor? residual, int G, float eps, int act, "
         "bool channels_last) -> (Tensor, Tensor, Tensor)");
   m.def("bwd(Tensor dy, Tensor x, Tensor weight, Tensor bias, Tensor? residual, Tensor mean, "
