@@ -9,6 +9,7 @@ so every expected value is known. No pixel is compared: the tests read the matpl
 from __future__ import annotations
 
 import math
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,19 @@ def test_a_study_of_one_norm_over_n_is_still_set_beside_the_paper(tmp_path):
     md = build_report(db, tmp_path / "rep", plots=False).read_text()
     assert "BN error at n=2 − at n=32: +7.0 ± 0.0 points over 2 seed(s) (paper: +11.1)" in md
     assert "paper: +11.1" in md and "no published number" not in md
+
+
+def test_training_wall_time_counts_every_attempt_of_a_resumed_run(tmp_path):
+    """A run's train_seconds is its finishing attempt's alone; a run resumed after a crash (the
+    CIFAR-10 full sweep's first runs) would lose its earlier epochs from the report's total. The
+    total is the done runs' epoch times; a run still running is not in it."""
+    db = fake_db(tmp_path / "runs.db", [("s", "batch", [
+        ({"norm": "bn", "batch_size": 2}, 30.0), ({"norm": "gn", "batch_size": 2}, 20.0)])])
+    with Store(db) as s:
+        (rid,) = s.enqueue([("s", make_config({**BASE, "norm": "ln", "batch_size": 2}))])
+        s.claim(rid, "cpu (test)", "2.x")
+        s.add_epoch(rid, 1, {"phase": "train", "epoch_seconds": 600.0})
+    with sqlite3.connect(db) as c:  # 4 epochs of 30 s each per done run; train_seconds 1 s
+        c.execute("UPDATE epochs SET epoch_seconds=30.0 WHERE epoch_seconds=1.0")
+    md = build_report(db, tmp_path / "rep", plots=False).read_text()
+    assert "training wall time 4.0 min in total" in md

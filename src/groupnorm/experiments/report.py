@@ -217,9 +217,13 @@ def _runs_lines(store: Store, all_runs: list[dict[str, Any]],
     lines += _data_lines(done)
     started = min(r["started_at"] or "" for r in done)
     finished = max(r["finished_at"] or "" for r in done)
-    total = sum(r["train_seconds"] or 0.0 for r in done)
+    # the epochs of every attempt (a run's train_seconds is its finishing attempt's alone, so a
+    # run resumed after a crash would count only the epochs after the crash)
+    done_ids = {r["id"] for r in done}
+    total = sum(e["epoch_seconds"] or 0.0 for e in store.epochs() if e["run_id"] in done_ids)
     lines.append(f"- recorded between {started} and {finished} (UTC); "
-                 f"training wall time {total / 60:.1f} min in total")
+                 f"training wall time {total / 60:.1f} min in total (the done runs' epochs, "
+                 "training and evaluation, over all their attempts)")
     sweeps = store.get_meta("sweeps", [])
     if sweeps:
         wall = sum(s["wall_s"] for s in sweeps)
