@@ -1,4 +1,5 @@
-"""`groupnorm` command line: train, sweep, report, reproduce, export-db, batch-noise, bench, demo.
+"""`groupnorm` command line: train, sweep, report, reproduce, status, export-db, batch-noise, bench,
+demo.
 
 Every command resolves a TrainConfig the same way: preset defaults (TOML) < `--set key=value`
 overrides < the common flags (--norm, --batch-size, ...), checked before anything runs. The
@@ -169,6 +170,18 @@ def cmd_export_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print where a sweep stands: runs per status and study, what runs, the time left."""
+    from groupnorm.experiments.progress import status_text
+
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"no results database at {args.db}")
+    print(status_text(args.db, jobs=args.jobs))
+    return 0
+
+
 def cmd_batch_noise(args: argparse.Namespace) -> int:
     """Batch-statistics noise per BN layer on each dataset, beside BN's penalty there."""
     from groupnorm.analysis import batchnoise
@@ -298,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  groupnorm report runs/quick.db -o runs/quick-report --csv\n"
                "  groupnorm report runs/quick.db --print\n"
                "  groupnorm reproduce --preset quick\n"
+               "  groupnorm status runs/quick.db --jobs 2\n"
                "  groupnorm export-db runs/quick.db quick-copy.db\n"
                f"\nshipped presets: {presets}",
     )
@@ -404,6 +418,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, lists=True)
 
     p = sub.add_parser(
+        "status", formatter_class=FORMATTER, parents=[common],
+        help="where a sweep stands, and how long the rest takes",
+        description="Runs per status and per study, the runs in progress (epoch, heartbeat), "
+                    "and an estimate of the time left from the epoch times the database already "
+                    "holds for runs of the same kind (model, data, images per worker, norm). "
+                    "The database is opened read-only and may be in use by a sweep.",
+        epilog="example:\n  groupnorm status results/cifar10/runs.db --jobs 2",
+    )
+    p.add_argument("db", help="results database")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time for the time-left figure (default 1)")
+
+    p = sub.add_parser(
         "export-db", formatter_class=FORMATTER, parents=[common],
         help="write a single-file copy of a results database",
         description="Copy a results database into one self-contained file (SQLite VACUUM "
@@ -491,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.argv = argv  # the command as given, for the records that name it
     commands = {"train": cmd_train, "sweep": cmd_sweep, "report": cmd_report,
-                "reproduce": cmd_reproduce, "export-db": cmd_export_db, "demo": cmd_demo,
+                "reproduce": cmd_reproduce, "export-db": cmd_export_db, "status": cmd_status,
+                "demo": cmd_demo,
                 "batch-noise": cmd_batch_noise}
     from groupnorm.experiments.runtime import debug_enabled
 
