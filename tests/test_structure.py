@@ -12,7 +12,7 @@ SRC = Path(groupnorm.__file__).resolve().parent
 
 # The harness, in pipeline order: a module may import only modules before it.
 PIPELINE = ["config", "presets", "runtime", "recipe", "recorder", "loop", "store", "sweep",
-            "cells", "paper", "findings", "kinds", "plots", "report"]
+            "cells", "paper", "findings", "kinds", "plots", "report", "progress"]
 
 
 def _modules() -> dict[str, Path]:
